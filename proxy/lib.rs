@@ -1,0 +1,23 @@
+//! fulcrum: an L7 load balancer and reverse proxy.
+//!
+//! One request flows `listener` → `service` (one `ArcSwap` snapshot load) → `route` →
+//! `pool` (a `balance` selector) → `upstream` → back through `body`. The `server` owns the
+//! shared state and applies reloads; `admin` serves the operator's plane.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod pool;
+pub mod route;
+pub mod server;
+pub mod service;
+pub mod snapshot;
+pub mod upstream;
+
+pub use fulcrum_config as config;
+pub use server::{start, Running, Shared};

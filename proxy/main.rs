@@ -1,1 +1,141 @@
-fn main(){}
+//! The `fulcrum` command: run, check, demo.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fulcrum::config::Config;
+
+#[derive(Parser)]
+#[command(name = "fulcrum", version, about = "An L7 load balancer and reverse proxy")]
+struct Cli {
+    /// Config file (TOML) to run with.
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run with the config file given by -c (the default command).
+    Run,
+    /// Validate the config file given by -c: prints `ok`, or every error as PATH:LINE:COL: message.
+    Check,
+    /// Run the embedded demo: three backends on loopback, the proxy on 127.0.0.1:8080,
+    /// the admin API on 127.0.0.1:9090.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => {
+            let Some(path) = cli.config else {
+                eprintln!("fulcrum check: give the config file with -c PATH");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(_) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Run => {
+            let Some(path) = cli.config else {
+                eprintln!("fulcrum: give the config file with -c PATH (or try `fulcrum demo`)");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(config) => run(config, Some(&path), false),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo => match Config::parse(fulcrum::demo::DEMO_CONFIG, "<demo>") {
+            Ok(config) => run(config, None, true),
+            Err(errors) => {
+                eprintln!("{errors}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn run(config: Config, path: Option<&Path>, demo: bool) -> ExitCode {
+    init_logging();
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = config.server.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fulcrum: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        if demo {
+            if let Err(e) = fulcrum::demo::spawn_backends().await {
+                tracing::error!("{e:#}");
+                return ExitCode::from(1);
+            }
+        }
+        let running = match fulcrum::start(config, path.map(Path::to_path_buf)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return ExitCode::from(1);
+            }
+        };
+        if demo {
+            tracing::info!(
+                "demo ready: try `curl http://{}/` and `curl http://{}/status`",
+                running.addr("http"),
+                running.admin
+            );
+        }
+        wait_for_signals(&running).await;
+        running.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Serves until SIGTERM or SIGINT; SIGHUP reloads the config file.
+async fn wait_for_signals(running: &fulcrum::Running) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return; }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading");
+                let _ = running.shared.reload().await;
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}

@@ -1,0 +1,80 @@
+//! The one body type fulcrum sends both ways: a streamed hyper body (with the backend's
+//! in-flight guard riding along until the stream ends), or a small body fulcrum made itself.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::pool::InFlight;
+
+pub enum Body {
+    /// Streamed from the other side, never buffered whole.
+    Stream {
+        inner: Incoming,
+        /// Keeps the backend's in-flight count up until the last byte (or the body is dropped).
+        guard: Option<InFlight>,
+    },
+    /// A body fulcrum wrote (errors, admin answers).
+    Full(Option<Bytes>),
+}
+
+impl Body {
+    pub fn empty() -> Body {
+        Body::Full(None)
+    }
+
+    pub fn full(b: impl Into<Bytes>) -> Body {
+        let b = b.into();
+        Body::Full(if b.is_empty() { None } else { Some(b) })
+    }
+
+    pub fn stream(inner: Incoming) -> Body {
+        Body::Stream { inner, guard: None }
+    }
+
+    pub fn with_guard(inner: Incoming, guard: InFlight) -> Body {
+        Body::Stream {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Body::Stream { inner, guard } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = r {
+                    guard.take();
+                }
+                r
+            }
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Stream { inner, .. } => inner.is_end_stream(),
+            Body::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Stream { inner, .. } => inner.size_hint(),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+        }
+    }
+}
