@@ -66,7 +66,9 @@ async fn serve(name: &'static str, socket: TcpListener) {
             let body = format!("hello from {name} (path {})\n", req.uri().path());
             Ok::<_, Infallible>(Response::new(Body::full(Bytes::from(body))))
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -42,9 +42,9 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
             ProxyError::BadRequest(_) | ProxyError::NoRoute => Side::Client,
-            ProxyError::Connect { .. } | ProxyError::Timeout { .. } | ProxyError::Upstream { .. } => {
-                Side::Upstream
-            }
+            ProxyError::Connect { .. }
+            | ProxyError::Timeout { .. }
+            | ProxyError::Upstream { .. } => Side::Upstream,
             ProxyError::NoBackend { .. } => Side::Internal,
         }
     }
@@ -72,7 +72,9 @@ impl ProxyError {
             ProxyError::NoBackend { .. } => "503 service unavailable: no healthy backend\n",
             ProxyError::Connect { .. } => "502 bad gateway: could not connect to the backend\n",
             ProxyError::Upstream { .. } => "502 bad gateway: the backend failed\n",
-            ProxyError::Timeout { .. } => "504 gateway timeout: the backend did not answer in time\n",
+            ProxyError::Timeout { .. } => {
+                "504 gateway timeout: the backend did not answer in time\n"
+            }
             ProxyError::BadRequest(_) => "400 bad request\n",
         }
     }

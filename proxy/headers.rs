@@ -50,7 +50,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets the `X-Forwarded-*` headers: appends the client to `X-Forwarded-For`, and says which
 /// scheme and host the client used.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&HeaderValue>) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    tls: bool,
+    host: Option<&HeaderValue>,
+) {
     let mut ip_buf = [0u8; 64];
     let ip = format_ip(client, &mut ip_buf);
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use fulcrum::config::Config;
 
 #[derive(Parser)]
-#[command(name = "fulcrum", version, about = "An L7 load balancer and reverse proxy")]
+#[command(
+    name = "fulcrum",
+    version,
+    about = "An L7 load balancer and reverse proxy"
+)]
 struct Cli {
     /// Config file (TOML) to run with.
     #[arg(short, long, global = true, value_name = "PATH")]
@@ -137,5 +141,8 @@ async fn wait_for_signals(running: &fulcrum::Running) {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }

@@ -165,7 +165,10 @@ mod tests {
         assert_ne!(BackendId::new("api", a), BackendId::new("api", b));
         assert_ne!(BackendId::new("api", a), BackendId::new("web", a));
         // Fixed across builds and machines: a fleet agrees on sticky ids.
-        assert_eq!(BackendId::new("api", a).to_string(), format!("{:016x}", BackendId::new("api", a).0));
+        assert_eq!(
+            BackendId::new("api", a).to_string(),
+            format!("{:016x}", BackendId::new("api", a).0)
+        );
         let mut h = Fnv1a::default();
         h.write(b"api\xff");
         h.write(&[10, 0, 0, 1, 0, 80]);

@@ -34,7 +34,11 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(index: usize, config: RouteConfig, pools: &HashMap<String, Arc<Pool>>) -> Option<Route> {
+    pub fn new(
+        index: usize,
+        config: RouteConfig,
+        pools: &HashMap<String, Arc<Pool>>,
+    ) -> Option<Route> {
         let target = match &config.target {
             RouteTarget::Pool(p) => Target::Pool(pools.get(p)?.clone()),
             RouteTarget::Split(split) => {
@@ -146,7 +150,13 @@ impl Router {
 
     /// Finds the route for a request on `listener`. `host` is the Host header or
     /// `:authority`, as sent.
-    pub fn find(&self, listener: &str, host: Option<&str>, path: &str, headers: &HeaderMap) -> Option<&Route> {
+    pub fn find(
+        &self,
+        listener: &str,
+        host: Option<&str>,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&Route> {
         let first = |list: &[usize]| {
             list.iter()
                 .map(|&i| &self.routes[i])

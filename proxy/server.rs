@@ -35,7 +35,9 @@ impl Shared {
     pub async fn reload(&self) -> Result<u64, Vec<String>> {
         let _one = self.reload_lock.lock().await;
         let Some(path) = &self.config_path else {
-            return Err(vec!["no config file to reload (running the embedded demo)".into()]);
+            return Err(vec![
+                "no config file to reload (running the embedded demo)".into()
+            ]);
         };
         let config = match Config::load(path) {
             Ok(c) => c,

@@ -27,7 +27,9 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
         Ok(resp) => resp,
         Err(e) => {
             match e.side() {
-                crate::error::Side::Upstream => tracing::warn!(error = %e, client = %conn.peer, "upstream error"),
+                crate::error::Side::Upstream => {
+                    tracing::warn!(error = %e, client = %conn.peer, "upstream error")
+                }
                 _ => tracing::debug!(error = %e, client = %conn.peer, "request refused"),
             }
             error_response(&e)
@@ -35,7 +37,11 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     }
 }
 
-async fn proxy(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn proxy(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
     let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
@@ -79,12 +85,18 @@ async fn proxy(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resu
     if uri.path_and_query.is_none() {
         uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }
-    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    parts.uri =
+        Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     parts.version = Version::HTTP_11;
 
     let guard = InFlight::begin(&backend.state);
     let upstream_req = Request::from_parts(parts, Body::stream(body));
-    match backend.state.client.send(backend.addr, upstream_req, timeout).await {
+    match backend
+        .state
+        .client
+        .send(backend.addr, upstream_req, timeout)
+        .await
+    {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
@@ -102,10 +114,15 @@ async fn proxy(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resu
 
 /// fulcrum's own answer for an error: short plain text, no internal address.
 pub fn error_response(e: &ProxyError) -> Response<Body> {
-    let mut resp = Response::new(Body::full(Bytes::from_static(e.public_message().as_bytes())));
+    let mut resp = Response::new(Body::full(Bytes::from_static(
+        e.public_message().as_bytes(),
+    )));
     *resp.status_mut() = e.status();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -59,7 +59,11 @@ async fn resolve_one(b: &BackendConfig) -> Vec<SocketAddr> {
 
 impl Snapshot {
     /// Builds the snapshot for `config`, reusing the live state of `previous`'s backends.
-    pub fn build(config: Arc<Config>, resolved: &Resolved, previous: Option<&Snapshot>) -> Snapshot {
+    pub fn build(
+        config: Arc<Config>,
+        resolved: &Resolved,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
         let mut states: HashMap<BackendId, Arc<BackendState>> = HashMap::new();
         if let Some(prev) = previous {
             for pool in prev.pools.values() {
@@ -72,16 +76,18 @@ impl Snapshot {
         for (name, pc) in &config.pools {
             let mut backends = Vec::new();
             for bc in &pc.backends {
-                let addrs = resolved.get(&(bc.host.clone(), bc.port)).map(Vec::as_slice).unwrap_or(&[]);
+                let addrs = resolved
+                    .get(&(bc.host.clone(), bc.port))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
                 for &addr in addrs {
                     let id = BackendId::new(name, addr);
                     if backends.iter().any(|b: &Arc<Backend>| b.id == id) {
                         continue;
                     }
-                    let state = states
-                        .get(&id)
-                        .cloned()
-                        .unwrap_or_else(|| Arc::new(BackendState::new(UpstreamClient::new(pc.connect_timeout))));
+                    let state = states.get(&id).cloned().unwrap_or_else(|| {
+                        Arc::new(BackendState::new(UpstreamClient::new(pc.connect_timeout)))
+                    });
                     let authority = http::uri::Authority::try_from(addr.to_string().as_str())
                         .expect("a socket address is a valid authority");
                     backends.push(Arc::new(Backend {
@@ -121,7 +127,10 @@ mod tests {
         let mut resolved = Resolved::new();
         for p in config.pools.values() {
             for b in &p.backends {
-                resolved.insert((b.host.clone(), b.port), vec![SocketAddr::new(b.host.parse().unwrap(), b.port)]);
+                resolved.insert(
+                    (b.host.clone(), b.port),
+                    vec![SocketAddr::new(b.host.parse().unwrap(), b.port)],
+                );
             }
         }
         Snapshot::build(config, &resolved, None)
@@ -179,19 +188,45 @@ backends = [{ address = "127.0.0.1:6" }]
         let s = snapshot(ROUTES);
         let h = HeaderMap::new();
         let pool = |l: &str, host: Option<&str>, path: &str| {
-            s.router.find(l, host, path, &h).map(|r| r.pool().name.to_string())
+            s.router
+                .find(l, host, path, &h)
+                .map(|r| r.pool().name.to_string())
         };
-        assert_eq!(pool("http", Some("api.example.com"), "/v1/users").as_deref(), Some("api_v1"));
-        assert_eq!(pool("http", Some("API.example.com:8080"), "/v2").as_deref(), Some("api"));
-        assert_eq!(pool("http", Some("www.example.com"), "/static/x").as_deref(), Some("wild"));
-        assert_eq!(pool("http", Some("example.com"), "/static/x").as_deref(), Some("static"));
-        assert_eq!(pool("http", Some("other.org"), "/").as_deref(), Some("default"));
+        assert_eq!(
+            pool("http", Some("api.example.com"), "/v1/users").as_deref(),
+            Some("api_v1")
+        );
+        assert_eq!(
+            pool("http", Some("API.example.com:8080"), "/v2").as_deref(),
+            Some("api")
+        );
+        assert_eq!(
+            pool("http", Some("www.example.com"), "/static/x").as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            pool("http", Some("example.com"), "/static/x").as_deref(),
+            Some("static")
+        );
+        assert_eq!(
+            pool("http", Some("other.org"), "/").as_deref(),
+            Some("default")
+        );
         assert_eq!(pool("http", None, "/x").as_deref(), Some("default"));
-        assert_eq!(pool("http", None, "/only-other").as_deref(), Some("default"));
-        assert_eq!(pool("other", None, "/only-other").as_deref(), Some("static"));
+        assert_eq!(
+            pool("http", None, "/only-other").as_deref(),
+            Some("default")
+        );
+        assert_eq!(
+            pool("other", None, "/only-other").as_deref(),
+            Some("static")
+        );
         let mut canary = HeaderMap::new();
         canary.insert("x-canary", "1".parse().unwrap());
-        let r = s.router.find("http", Some("api.example.com"), "/v1/a", &canary).unwrap();
+        let r = s
+            .router
+            .find("http", Some("api.example.com"), "/v1/a", &canary)
+            .unwrap();
         assert_eq!(&*r.pool().name, "canary");
     }
 
@@ -199,19 +234,27 @@ backends = [{ address = "127.0.0.1:6" }]
     fn no_catch_all_means_no_route() {
         let text = ROUTES.replacen("[[routes]]\npool = \"default\"\n", "", 1);
         let s = snapshot(&text);
-        assert!(s.router.find("http", Some("nothing.org"), "/", &HeaderMap::new()).is_none());
+        assert!(s
+            .router
+            .find("http", Some("nothing.org"), "/", &HeaderMap::new())
+            .is_none());
     }
 
     #[test]
     fn rebuild_keeps_backend_state() {
         let a = snapshot(ROUTES);
         let before = a.pools["api"].backends[0].state.clone();
-        before.requests.fetch_add(7, std::sync::atomic::Ordering::Relaxed);
+        before
+            .requests
+            .fetch_add(7, std::sync::atomic::Ordering::Relaxed);
         let config = a.config.clone();
         let mut resolved = Resolved::new();
         for p in config.pools.values() {
             for b in &p.backends {
-                resolved.insert((b.host.clone(), b.port), vec![SocketAddr::new(b.host.parse().unwrap(), b.port)]);
+                resolved.insert(
+                    (b.host.clone(), b.port),
+                    vec![SocketAddr::new(b.host.parse().unwrap(), b.port)],
+                );
             }
         }
         let b = Snapshot::build(config, &resolved, Some(&a));

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 /// Parses a duration string; the error says what was expected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: expected a number followed by ms, s, m or h (e.g. \"250ms\", \"5s\")");
+    let bad = || {
+        format!("invalid duration {text:?}: expected a number followed by ms, s, m or h (e.g. \"250ms\", \"5s\")")
+    };
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

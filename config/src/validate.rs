@@ -40,7 +40,14 @@ impl<'a> Validator<'a> {
     }
 
     /// An integer in `min..=max`.
-    fn int(&mut self, v: &Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+    fn int(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> i64 {
         match v {
             None => default,
             Some(s) => {
@@ -135,10 +142,18 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
         if let Some(a) = listen {
             if a.port() != 0 {
                 if let Some(other) = addrs.insert(a, name.clone()) {
-                    v.err(&l.listen, format!("listener {name:?} listens on {a}, already used by listener {other:?}"));
+                    v.err(
+                        &l.listen,
+                        format!(
+                            "listener {name:?} listens on {a}, already used by listener {other:?}"
+                        ),
+                    );
                 }
                 if a == admin.listen {
-                    v.err(&l.listen, format!("listener {name:?} listens on {a}, already used by [admin]"));
+                    v.err(
+                        &l.listen,
+                        format!("listener {name:?} listens on {a}, already used by [admin]"),
+                    );
                 }
             }
         }
@@ -150,9 +165,17 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
             }
         }
         let tls = l.tls.as_ref().map(|t| tls(&mut v, t));
-        let max_connections = v.opt_int(&l.max_connections, "max_connections", 1, u32::MAX as i64).map(|n| n as u32);
-        let max_connections_per_ip =
-            v.opt_int(&l.max_connections_per_ip, "max_connections_per_ip", 1, u32::MAX as i64).map(|n| n as u32);
+        let max_connections = v
+            .opt_int(&l.max_connections, "max_connections", 1, u32::MAX as i64)
+            .map(|n| n as u32);
+        let max_connections_per_ip = v
+            .opt_int(
+                &l.max_connections_per_ip,
+                "max_connections_per_ip",
+                1,
+                u32::MAX as i64,
+            )
+            .map(|n| n as u32);
         if let Some(listen) = listen {
             listeners.push(ListenerConfig {
                 name,
@@ -202,8 +225,14 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
     let d = ServerConfig::default();
     ServerConfig {
         drain_timeout: v.duration(&s.drain_timeout, "drain_timeout", d.drain_timeout),
-        worker_threads: v.opt_int(&s.worker_threads, "worker_threads", 1, 1024).map(|n| n as usize),
-        request_header_timeout: v.duration(&s.request_header_timeout, "request_header_timeout", d.request_header_timeout),
+        worker_threads: v
+            .opt_int(&s.worker_threads, "worker_threads", 1, 1024)
+            .map(|n| n as usize),
+        request_header_timeout: v.duration(
+            &s.request_header_timeout,
+            "request_header_timeout",
+            d.request_header_timeout,
+        ),
         idle_timeout: v.duration(&s.idle_timeout, "idle_timeout", d.idle_timeout),
         max_request_header_bytes: v.int(
             &s.max_request_header_bytes,
@@ -213,11 +242,20 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
             d.max_request_header_bytes as i64,
         ) as usize,
         max_requests_per_connection: v
-            .opt_int(&s.max_requests_per_connection, "max_requests_per_connection", 1, i64::MAX)
+            .opt_int(
+                &s.max_requests_per_connection,
+                "max_requests_per_connection",
+                1,
+                i64::MAX,
+            )
             .map(|n| n as u64),
         watch_config: s.watch_config.unwrap_or(d.watch_config),
         resolve_interval: v.duration(&s.resolve_interval, "resolve_interval", d.resolve_interval),
-        websocket_idle_timeout: v.duration(&s.websocket_idle_timeout, "websocket_idle_timeout", d.websocket_idle_timeout),
+        websocket_idle_timeout: v.duration(
+            &s.websocket_idle_timeout,
+            "websocket_idle_timeout",
+            d.websocket_idle_timeout,
+        ),
     }
 }
 
@@ -226,10 +264,10 @@ fn tls(v: &mut Validator, t: &Spanned<RawTls>) -> TlsConfig {
     if r.certificates.is_empty() {
         v.err(t, "tls: at least one certificate is needed");
     }
-    let hsts = match &r.hsts {
-        None => None,
-        Some(_) => Some(v.duration(&r.hsts, "tls.hsts", Duration::ZERO)),
-    };
+    let hsts = r
+        .hsts
+        .as_ref()
+        .map(|_| v.duration(&r.hsts, "tls.hsts", Duration::ZERO));
     TlsConfig {
         certificates: r
             .certificates
@@ -245,7 +283,9 @@ fn tls(v: &mut Validator, t: &Spanned<RawTls>) -> TlsConfig {
 }
 
 fn parse_cidr(text: &str) -> Result<Cidr, String> {
-    let bad = || format!("invalid network {text:?}: expected an address or address/prefix such as \"10.0.0.0/8\"");
+    let bad = || {
+        format!("invalid network {text:?}: expected an address or address/prefix such as \"10.0.0.0/8\"")
+    };
     let (addr, prefix) = match text.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (text, None),
@@ -271,7 +311,14 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             Some((_, alg)) => pool.algorithm = *alg,
             None => {
                 let known: Vec<_> = Algorithm::ALL.iter().map(|(n, _)| *n).collect();
-                v.err(a, format!("pool {pname:?}: unknown algorithm {:?}: expected one of {}", a.get_ref(), known.join(", ")));
+                v.err(
+                    a,
+                    format!(
+                        "pool {pname:?}: unknown algorithm {:?}: expected one of {}",
+                        a.get_ref(),
+                        known.join(", ")
+                    ),
+                );
             }
         }
     }
@@ -285,7 +332,13 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
         match BackendConfig::parse(rb.address.get_ref(), weight) {
             Ok(bc) => {
                 if !seen.insert((bc.host.to_ascii_lowercase(), bc.port)) {
-                    v.err(&rb.address, format!("pool {pname:?}: duplicate backend {:?}", rb.address.get_ref()));
+                    v.err(
+                        &rb.address,
+                        format!(
+                            "pool {pname:?}: duplicate backend {:?}",
+                            rb.address.get_ref()
+                        ),
+                    );
                 }
                 pool.backends.push(bc);
             }
@@ -295,14 +348,24 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
     if let Some(s) = &r.sticky {
         let rs = s.get_ref();
         let by = match (&rs.cookie, &rs.header) {
-            (Some(c), None) if valid_token(c.get_ref()) => Some(StickyBy::Cookie(c.get_ref().clone())),
-            (None, Some(h)) if valid_token(h.get_ref()) => Some(StickyBy::Header(h.get_ref().to_ascii_lowercase())),
+            (Some(c), None) if valid_token(c.get_ref()) => {
+                Some(StickyBy::Cookie(c.get_ref().clone()))
+            }
+            (None, Some(h)) if valid_token(h.get_ref()) => {
+                Some(StickyBy::Header(h.get_ref().to_ascii_lowercase()))
+            }
             (Some(c), None) => {
-                v.err(c, format!("sticky.cookie: invalid cookie name {:?}", c.get_ref()));
+                v.err(
+                    c,
+                    format!("sticky.cookie: invalid cookie name {:?}", c.get_ref()),
+                );
                 None
             }
             (None, Some(h)) => {
-                v.err(h, format!("sticky.header: invalid header name {:?}", h.get_ref()));
+                v.err(
+                    h,
+                    format!("sticky.header: invalid header name {:?}", h.get_ref()),
+                );
                 None
             }
             _ => {
@@ -310,7 +373,10 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
                 None
             }
         };
-        let ttl = rs.ttl.as_ref().map(|_| v.duration(&rs.ttl, "sticky.ttl", Duration::ZERO));
+        let ttl = rs
+            .ttl
+            .as_ref()
+            .map(|_| v.duration(&rs.ttl, "sticky.ttl", Duration::ZERO));
         if let Some(by) = by {
             pool.sticky = Some(StickyConfig {
                 by,
@@ -321,21 +387,37 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
         }
     }
     pool.max_connections_per_backend = v
-        .opt_int(&r.max_connections_per_backend, "max_connections_per_backend", 1, u32::MAX as i64)
+        .opt_int(
+            &r.max_connections_per_backend,
+            "max_connections_per_backend",
+            1,
+            u32::MAX as i64,
+        )
         .map(|n| n as u32);
-    pool.max_pending = v.opt_int(&r.max_pending, "max_pending", 0, u32::MAX as i64).map(|n| n as u32);
+    pool.max_pending = v
+        .opt_int(&r.max_pending, "max_pending", 0, u32::MAX as i64)
+        .map(|n| n as u32);
     pool.queue_timeout = v.duration(&r.queue_timeout, "queue_timeout", pool.queue_timeout);
     pool.connect_timeout = v.duration(&r.connect_timeout, "connect_timeout", pool.connect_timeout);
     pool.timeout = v.duration(&r.timeout, "timeout", pool.timeout);
     if let Some(f) = &r.hash_balance_factor {
         if *f.get_ref() < 1.0 || !f.get_ref().is_finite() {
-            v.err(f, format!("hash_balance_factor must be at least 1.0, got {}", f.get_ref()));
+            v.err(
+                f,
+                format!(
+                    "hash_balance_factor must be at least 1.0, got {}",
+                    f.get_ref()
+                ),
+            );
         } else {
             pool.hash_balance_factor = Some(*f.get_ref());
         }
     }
     pool.dynamic = r.dynamic;
-    pool.slow_start = r.slow_start.as_ref().map(|_| v.duration(&r.slow_start, "slow_start", Duration::ZERO));
+    pool.slow_start = r
+        .slow_start
+        .as_ref()
+        .map(|_| v.duration(&r.slow_start, "slow_start", Duration::ZERO));
 
     if let Some(h) = &r.health_check {
         let d = HealthCheckConfig::default();
@@ -345,14 +427,25 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             match k.get_ref().as_str() {
                 "http" => hc.kind = HealthCheckKind::Http,
                 "tcp" => hc.kind = HealthCheckKind::Tcp,
-                other => v.err(k, format!("health_check.type: unknown type {other:?}: expected \"http\" or \"tcp\"")),
+                other => v.err(
+                    k,
+                    format!(
+                        "health_check.type: unknown type {other:?}: expected \"http\" or \"tcp\""
+                    ),
+                ),
             }
         }
         if let Some(p) = &h.path {
             if p.get_ref().starts_with('/') {
                 hc.path = p.get_ref().clone();
             } else {
-                v.err(p, format!("health_check.path must start with '/', got {:?}", p.get_ref()));
+                v.err(
+                    p,
+                    format!(
+                        "health_check.path must start with '/', got {:?}",
+                        p.get_ref()
+                    ),
+                );
             }
         }
         hc.interval = v.duration(&h.interval, "health_check.interval", d.interval);
@@ -362,7 +455,8 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
                 v.err(i, "health_check.interval must be more than zero");
             }
         }
-        hc.unhealthy_threshold = v.int(&h.unhealthy_threshold, "unhealthy_threshold", 1, 1000, 3) as u32;
+        hc.unhealthy_threshold =
+            v.int(&h.unhealthy_threshold, "unhealthy_threshold", 1, 1000, 3) as u32;
         hc.healthy_threshold = v.int(&h.healthy_threshold, "healthy_threshold", 1, 1000, 2) as u32;
         if let Some(i) = &h.initially {
             match i.get_ref().as_str() {
@@ -376,9 +470,15 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
         let d = CircuitBreakerConfig::default();
         pool.circuit_breaker = CircuitBreakerConfig {
             enabled: b.enabled.unwrap_or(true),
-            failure_threshold: v.int(&b.failure_threshold, "failure_threshold", 1, 100_000, 5) as u32,
-            open_duration: v.duration(&b.open_duration, "circuit_breaker.open_duration", d.open_duration),
-            half_open_requests: v.int(&b.half_open_requests, "half_open_requests", 1, 100_000, 1) as u32,
+            failure_threshold: v.int(&b.failure_threshold, "failure_threshold", 1, 100_000, 5)
+                as u32,
+            open_duration: v.duration(
+                &b.open_duration,
+                "circuit_breaker.open_duration",
+                d.open_duration,
+            ),
+            half_open_requests: v.int(&b.half_open_requests, "half_open_requests", 1, 100_000, 1)
+                as u32,
         };
     }
     if let Some(rt) = &r.retry {
@@ -409,7 +509,13 @@ fn route(
     let pool_exists = |name: &str| pools.keys().any(|k| k.get_ref() == name);
     if let Some(l) = &rr.listener {
         if !listeners.contains(l.get_ref()) {
-            v.err(l, format!("route names listener {:?}, which is not defined", l.get_ref()));
+            v.err(
+                l,
+                format!(
+                    "route names listener {:?}, which is not defined",
+                    l.get_ref()
+                ),
+            );
         }
     }
     let host = rr.host.as_ref().and_then(|h| {
@@ -431,14 +537,20 @@ fn route(
         None => "/".to_string(),
         Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
         Some(p) => {
-            v.err(p, format!("path_prefix must start with '/', got {:?}", p.get_ref()));
+            v.err(
+                p,
+                format!("path_prefix must start with '/', got {:?}", p.get_ref()),
+            );
             "/".to_string()
         }
     };
     let target = match (&rr.pool, &rr.pools) {
         (Some(p), None) => {
             if !pool_exists(p.get_ref()) {
-                v.err(p, format!("route names pool {:?}, which is not defined", p.get_ref()));
+                v.err(
+                    p,
+                    format!("route names pool {:?}, which is not defined", p.get_ref()),
+                );
             }
             Some(RouteTarget::Pool(p.get_ref().clone()))
         }
@@ -450,7 +562,13 @@ fn route(
             for wp in split.get_ref() {
                 let w = wp.get_ref();
                 if !pool_exists(w.pool.get_ref()) {
-                    v.err(&w.pool, format!("route names pool {:?}, which is not defined", w.pool.get_ref()));
+                    v.err(
+                        &w.pool,
+                        format!(
+                            "route names pool {:?}, which is not defined",
+                            w.pool.get_ref()
+                        ),
+                    );
                 }
                 let weight = v.int(&w.weight, "weight", 0, 1_000_000, 1) as u32;
                 out.push((w.pool.get_ref().clone(), weight));
@@ -477,7 +595,10 @@ fn route(
                 value: m.get_ref().value.clone(),
             })
         } else {
-            v.err(&m.get_ref().name, format!("match_header.name: invalid header name {name:?}"));
+            v.err(
+                &m.get_ref().name,
+                format!("match_header.name: invalid header name {name:?}"),
+            );
             None
         }
     });
@@ -485,10 +606,19 @@ fn route(
         let x = rl.get_ref();
         let per_second = *x.per_second.get_ref();
         if !(per_second > 0.0 && per_second.is_finite()) {
-            v.err(&x.per_second, format!("rate_limit.per_second must be above zero, got {per_second}"));
+            v.err(
+                &x.per_second,
+                format!("rate_limit.per_second must be above zero, got {per_second}"),
+            );
         }
         let default_burst = per_second.ceil().clamp(1.0, u32::MAX as f64) as i64;
-        let burst = v.int(&x.burst, "rate_limit.burst", 1, u32::MAX as i64, default_burst) as u32;
+        let burst = v.int(
+            &x.burst,
+            "rate_limit.burst",
+            1,
+            u32::MAX as i64,
+            default_burst,
+        ) as u32;
         let key = match x.key.as_ref().map(|k| k.get_ref().as_str()) {
             None | Some("client_ip") => RateLimitKey::ClientIp,
             Some("route") => RateLimitKey::Route,
@@ -497,7 +627,10 @@ fn route(
             }
             Some(k) => {
                 let span = x.key.as_ref().expect("matched Some");
-                v.err(span, format!("rate_limit.key: expected client_ip, route or header:NAME, got {k:?}"));
+                v.err(
+                    span,
+                    format!("rate_limit.key: expected client_ip, route or header:NAME, got {k:?}"),
+                );
                 RateLimitKey::ClientIp
             }
         };
@@ -506,7 +639,10 @@ fn route(
             Some("global") => true,
             Some(s) => {
                 let span = x.scope.as_ref().expect("matched Some");
-                v.err(span, format!("rate_limit.scope: expected \"local\" or \"global\", got {s:?}"));
+                v.err(
+                    span,
+                    format!("rate_limit.scope: expected \"local\" or \"global\", got {s:?}"),
+                );
                 false
             }
         };
@@ -515,7 +651,10 @@ fn route(
             Some("deny") => true,
             Some(s) => {
                 let span = x.on_store_error.as_ref().expect("matched Some");
-                v.err(span, format!("rate_limit.on_store_error: expected \"allow\" or \"deny\", got {s:?}"));
+                v.err(
+                    span,
+                    format!("rate_limit.on_store_error: expected \"allow\" or \"deny\", got {s:?}"),
+                );
                 false
             }
         };
@@ -644,7 +783,10 @@ health_check = { interval = "5 sec" }
 
     #[test]
     fn wrong_type_is_reported() {
-        let text = MIN.replace("address = \"127.0.0.1:9001\"", "address = \"127.0.0.1:9001\", weight = \"3\"");
+        let text = MIN.replace(
+            "address = \"127.0.0.1:9001\"",
+            "address = \"127.0.0.1:9001\", weight = \"3\"",
+        );
         let e = errors(&text);
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("f.toml:10:"), "{}", e[0]);
@@ -675,10 +817,19 @@ sticky = { cookie = "fulcrum_sticky" }
         let c = Config::parse(text, "f.toml").unwrap();
         let r = &c.routes[0];
         assert_eq!(r.host, Some(HostMatch::Suffix(".example.com".into())));
-        assert_eq!(r.target, RouteTarget::Split(vec![("web".into(), 90), ("web".into(), 10)]));
-        assert_eq!(r.rate_limit.as_ref().unwrap().key, RateLimitKey::Header("x-api-key".into()));
+        assert_eq!(
+            r.target,
+            RouteTarget::Split(vec![("web".into(), 90), ("web".into(), 10)])
+        );
+        assert_eq!(
+            r.rate_limit.as_ref().unwrap().key,
+            RateLimitKey::Header("x-api-key".into())
+        );
         let b = &c.pools["web"].backends;
-        assert_eq!((b[0].scheme, b[0].host.as_str(), b[0].port, b[0].weight), (Scheme::Https, "::1", 8443, 3));
+        assert_eq!(
+            (b[0].scheme, b[0].host.as_str(), b[0].port, b[0].weight),
+            (Scheme::Https, "::1", 8443, 3)
+        );
         assert_eq!((b[1].host.as_str(), b[1].port), ("api.internal", 80));
     }
 

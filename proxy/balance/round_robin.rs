@@ -24,8 +24,6 @@ impl Selector for RoundRobin {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| (ctx.eligible)(i))
+        (0..n).map(|i| (start + i) % n).find(|&i| (ctx.eligible)(i))
     }
 }

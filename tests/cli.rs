@@ -1,0 +1,185 @@
+//! The `fulcrum` binary as an operator runs it: `check`, and graceful shutdown on SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
+
+fn check(path: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out, err) = check(&path);
+            assert_eq!((code, out.trim()), (0, "ok"), "{}: {err}", path.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "only {n} examples found");
+}
+
+#[test]
+fn check_reports_typos_with_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n\n[[routes]]\npool = \"web\"\n\n[pools.web]\nalgoritm = \"round_robin\"\nbackends = [{ address = \"127.0.0.1:9001\" }]\n",
+    )
+    .unwrap();
+    let (code, out, err) = check(&path);
+    assert_eq!(code, 1, "{out}{err}");
+    let line = err.lines().next().unwrap();
+    assert!(
+        line.starts_with(&format!("{}:9:1: ", path.display())),
+        "{err}"
+    );
+    assert!(line.contains("unknown field `algoritm`"), "{err}");
+
+    // Semantic errors: all of them, each with its place.
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:8080\"\n\n[[routes]]\npool = \"nope\"\n\n[pools.web]\nbackends = [{ address = \"127.0.0.1:9001\", weight = 0 }]\nhealth_check = { timeout = \"5 seconds\" }\n",
+    )
+    .unwrap();
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 1);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    let p = path.display().to_string();
+    assert!(
+        lines[0].starts_with(&format!("{p}:6:8: ")) && lines[0].contains("\"nope\""),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{p}:9:")) && lines[1].contains("weight"),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!("{p}:10:")) && lines[2].contains("5 seconds"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_with_invalid_config_exits_1_with_the_same_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"http\"\nlisten = \"nowhere\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("-c").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3:10: listen: invalid address", path.display())),
+        "{err}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = http::Request::get(url).body(full("")).unwrap();
+        if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(1), client().request(req)).await
+        {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "fulcrum did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
+    let slow = backend("slow")
+        .slow(Duration::from_millis(1500))
+        .spawn()
+        .await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{}\" }}]\n",
+            slow.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(&format!("http://127.0.0.1:{admin}/ready")).await;
+
+    let url = format!("http://127.0.0.1:{port}/slow");
+    let request = tokio::spawn(async move { get(&url, &[]).await });
+    // Let the request reach the backend, then ask fulcrum to stop.
+    while slow.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: /ready says so, and no new connection is accepted.
+    let (status, _, _) = get(&format!("http://127.0.0.1:{admin}/ready"), &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting after SIGTERM"
+    );
+
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fulcrum did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+}

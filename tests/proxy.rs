@@ -1,0 +1,289 @@
+//! The whole proxy in process, with real backends and real clients on 127.0.0.1.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let (status, headers, body) = get(
+        &format!("{}/some/path?q=1", p.url),
+        &[
+            ("host", "shop.example.com"),
+            ("x-forwarded-for", "203.0.113.7"),
+            ("connection", "x-secret"),
+            ("x-secret", "must not pass"),
+            ("keep-alive", "timeout=5"),
+            ("x-custom", "passes"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "a");
+    let seen = b.last_headers();
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "shop.example.com");
+    assert_eq!(seen["host"], "shop.example.com");
+    assert_eq!(seen["x-custom"], "passes");
+    assert!(seen.get("x-secret").is_none(), "{seen:?}");
+    assert!(seen.get("keep-alive").is_none(), "{seen:?}");
+    // And on the way back: the backend's Connection-named header is dropped.
+    assert_eq!(headers["x-backend"], "a");
+    assert!(headers.get("x-backend-hop").is_none(), "{headers:?}");
+}
+
+#[tokio::test]
+async fn ten_mib_upload_and_download_pass_whole() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let ten = 10 * 1024 * 1024;
+    let (status, _, body) = get(&format!("{}/bytes/{ten}", p.url), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), ten);
+    assert!(body.bytes().all(|c| c == b'x'));
+
+    let req = Request::post(format!("{}/upload", p.url))
+        .body(full(vec![7u8; ten]))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, ten.to_string());
+}
+
+/// The proxy must pass the first bytes of an upload on before the client has sent the rest:
+/// it never holds a whole body.
+#[tokio::test]
+async fn upload_streams_before_the_client_finishes() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let body = StreamBody::new(stream).boxed();
+    let req = Request::post(format!("{}/upload-gated", p.url))
+        .body(body)
+        .unwrap();
+    let call = tokio::spawn(async move { client().request(req).await });
+    tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 64 * 1024]))))
+        .await
+        .unwrap();
+    // The backend sees the first chunk while the client still holds back the other 10 MiB.
+    tokio::time::timeout(Duration::from_secs(10), b.seen.first_chunk.notified())
+        .await
+        .expect("first chunk never reached the backend: the proxy buffers uploads");
+    for _ in 0..160 {
+        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 64 * 1024]))))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let resp = call.await.unwrap().unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, (161 * 64 * 1024).to_string());
+}
+
+/// The client gets the first bytes of a download before the backend has produced the rest.
+#[tokio::test]
+async fn download_streams_before_the_backend_finishes() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let resp = client()
+        .request(
+            Request::get(format!("{}/download-gated", p.url))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("no first chunk while the backend held the rest: the proxy buffers downloads")
+        .unwrap()
+        .unwrap();
+    let mut n = first.data_ref().map_or(0, |d| d.len());
+    assert!(n > 0 && n <= 64 * 1024);
+    b.seen.release.notify_one();
+    while let Some(f) = body.frame().await {
+        n += f.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(n, 64 * 1024 + 10 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn weighted_round_robin_is_exact_and_interleaved() {
+    let a = backend("a").spawn().await;
+    let b = backend("b").spawn().await;
+    let c = backend("c").spawn().await;
+    let p = proxy(&one_pool(
+        "weighted_round_robin",
+        &[(a.addr, 3), (b.addr, 1), (c.addr, 1)],
+        "",
+    ))
+    .await;
+    let mut order = String::new();
+    for _ in 0..500 {
+        let (status, _, body) = get(&p.url, &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        order.push_str(&body);
+    }
+    assert_eq!((a.hits(), b.hits(), c.hits()), (300, 100, 100));
+    // Smooth: every window of 5 holds a 3, b 1, c 1 (`abaca` repeated), never `aaabc`.
+    for w in order.as_bytes().chunks(5) {
+        let mut w = w.to_vec();
+        w.sort();
+        assert_eq!(w, b"aaabc");
+    }
+    assert!(!order.contains("aaa"), "not interleaved: {}", &order[..20]);
+    assert!(order.starts_with("abacaabaca"), "{}", &order[..20]);
+}
+
+#[tokio::test]
+async fn routes_by_host_and_path_and_404s_unknown_hosts() {
+    let api = backend("api").spawn().await;
+    let v2 = backend("v2").spawn().await;
+    let web = backend("web").spawn().await;
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+[[listeners]]
+name = "http"
+listen = "127.0.0.1:0"
+[[routes]]
+host = "api.example.com"
+pool = "api"
+[[routes]]
+host = "api.example.com"
+path_prefix = "/v2"
+pool = "v2"
+[[routes]]
+host = "*.example.com"
+pool = "web"
+[pools.api]
+backends = [{{ address = "{}" }}]
+[pools.v2]
+backends = [{{ address = "{}" }}]
+[pools.web]
+backends = [{{ address = "{}" }}]
+"#,
+        api.addr, v2.addr, web.addr
+    );
+    let p = proxy(&config).await;
+    let body = |host: &'static str, path: &'static str| {
+        let url = format!("{}{path}", p.url);
+        async move { get(&url, &[("host", host)]).await }
+    };
+    assert_eq!(body("api.example.com", "/users").await.2, "api");
+    assert_eq!(body("api.example.com", "/v2/users").await.2, "v2");
+    assert_eq!(body("www.example.com", "/v2/users").await.2, "web");
+    let (status, _, text) = body("unknown.org", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains("no route"), "{text}");
+}
+
+#[tokio::test]
+async fn refused_backend_is_502_and_stalled_backend_is_504() {
+    // A port that was just closed refuses connections.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = proxy(&one_pool("round_robin", &[(dead, 1)], "")).await;
+    let (status, _, text) = get(&p.url, &[]).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        !text.contains("127.0.0.1"),
+        "leaks the backend address: {text}"
+    );
+    assert!(text.starts_with("502"), "{text}");
+
+    let slow = backend("slow").spawn().await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[(slow.addr, 1)],
+        "timeout = \"300ms\"",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, _, text) = get(&format!("{}/stall", p.url), &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(!text.contains(&slow.addr.to_string()), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The proxy keeps serving after both.
+    assert_eq!(get(&p.url, &[]).await.2, "slow");
+}
+
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_are_refused_and_the_proxy_keeps_serving() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let addr = p.running.addr("http");
+
+    let answer = raw(addr, b"GARBAGE\x01 / NOT-HTTP\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..2000 {
+        big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "v".repeat(40)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let answer = raw(addr, &big).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    assert_eq!(b.hits(), 0, "a bad request reached the backend");
+    let (status, _, body) = get(&p.url, &[]).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "a"));
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let resp = h2c_client()
+        .request(
+            Request::get(format!("{}/h2", p.url))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "a");
+    // The backend got an HTTP/1.1 request with the client's authority as Host.
+    assert!(b.last_headers().get("host").is_some());
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_backends_are_reused() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    for _ in 0..20 {
+        assert_eq!(get(&p.url, &[]).await.2, "a");
+    }
+    let conns = b.seen.conns.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        conns <= 2,
+        "{conns} backend connections for 20 sequential requests"
+    );
+}

@@ -1,0 +1,317 @@
+//! Real in-process backends and a real proxy for integration tests, all on 127.0.0.1 with
+//! ephemeral ports: `backend("a").slow(50ms).spawn()`, `proxy(config_text)`.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+pub type TestBody = BoxBody<Bytes, std::io::Error>;
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// What a test backend saw.
+#[derive(Default)]
+pub struct Seen {
+    pub hits: AtomicUsize,
+    /// TCP connections accepted.
+    pub conns: AtomicUsize,
+    pub headers: Mutex<Vec<HeaderMap>>,
+    /// Set when the backend has received the first chunk of an upload on `/upload-gated`.
+    pub first_chunk: Arc<Notify>,
+    /// The test notifies this to let `/download-gated` send the rest of its body.
+    pub release: Arc<Notify>,
+}
+
+pub struct BackendBuilder {
+    name: String,
+    delay: Duration,
+    status: StatusCode,
+}
+
+pub fn backend(name: &str) -> BackendBuilder {
+    BackendBuilder {
+        name: name.to_string(),
+        delay: Duration::ZERO,
+        status: StatusCode::OK,
+    }
+}
+
+pub struct TestBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestBackend {
+    pub fn hits(&self) -> usize {
+        self.seen.hits.load(Ordering::SeqCst)
+    }
+    pub fn last_headers(&self) -> HeaderMap {
+        self.seen
+            .headers
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("no request seen")
+    }
+    /// Stops accepting and closes the listening socket.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl BackendBuilder {
+    /// Delay every answer by `d`.
+    pub fn slow(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+    /// Answer every request with this status.
+    pub fn status(mut self, s: u16) -> Self {
+        self.status = StatusCode::from_u16(s).unwrap();
+        self
+    }
+
+    /// Serves on a fresh port of 127.0.0.1. Paths:
+    /// `/stall` never answers; `/upload` answers the byte count of the body it read;
+    /// `/upload-gated` signals after its first chunk; `/bytes/N` streams N bytes;
+    /// `/download-gated` sends one chunk, waits for `release`, then sends 10 MiB more;
+    /// anything else answers the backend's name.
+    pub async fn spawn(self) -> TestBackend {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let name: Arc<str> = Arc::from(self.name.as_str());
+        let (delay, status) = (self.delay, self.status);
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = socket.accept().await else {
+                    continue;
+                };
+                seen2.conns.fetch_add(1, Ordering::SeqCst);
+                let seen = seen2.clone();
+                let name = name.clone();
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    let name = name.clone();
+                    async move { Ok::<_, Infallible>(answer(req, &name, &seen, delay, status).await) }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TestBackend {
+            name: self.name,
+            addr,
+            seen,
+            task,
+        }
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: &str,
+    seen: &Seen,
+    delay: Duration,
+    status: StatusCode,
+) -> Response<TestBody> {
+    seen.hits.fetch_add(1, Ordering::SeqCst);
+    seen.headers.lock().unwrap().push(req.headers().clone());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let path = req.uri().path().to_string();
+    let body = if path == "/stall" {
+        std::future::pending::<()>().await;
+        unreachable!()
+    } else if path == "/upload" || path == "/upload-gated" {
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(d) = frame.data_ref() {
+                if n == 0 && path == "/upload-gated" {
+                    seen.first_chunk.notify_one();
+                }
+                n += d.len();
+            }
+        }
+        full(n.to_string())
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        Repeat::new(n.parse().unwrap(), None).boxed()
+    } else if path == "/download-gated" {
+        // One chunk now, the rest only after the test releases it.
+        Repeat::new(
+            64 * 1024 + 10 * 1024 * 1024,
+            Some((64 * 1024, seen.release.clone())),
+        )
+        .boxed()
+    } else {
+        let mut r = Response::new(full(name.to_string()));
+        *r.status_mut() = status;
+        r.headers_mut().insert("x-backend", name.parse().unwrap());
+        // A hop-by-hop header the proxy must not pass on.
+        r.headers_mut()
+            .insert("connection", "x-backend-hop".parse().unwrap());
+        r.headers_mut()
+            .insert("x-backend-hop", "secret".parse().unwrap());
+        return r;
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r
+}
+
+static CHUNK: [u8; 65536] = [b'x'; 65536];
+
+/// A body of `n` bytes made on the fly, optionally pausing after `gate.0` bytes until
+/// `gate.1` is notified.
+type Gate = Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
+
+struct Repeat {
+    left: usize,
+    sent: usize,
+    gate: Option<(usize, Gate)>,
+}
+
+impl Repeat {
+    fn new(n: usize, gate: Option<(usize, Arc<Notify>)>) -> Repeat {
+        Repeat {
+            left: n,
+            sent: 0,
+            gate: gate.map(|(at, notify)| {
+                let fut: Gate = Box::pin(async move { notify.notified().await });
+                (at, fut)
+            }),
+        }
+    }
+}
+
+impl hyper::body::Body for Repeat {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let sent = self.sent;
+        if let Some((at, fut)) = &mut self.gate {
+            if sent >= *at {
+                match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => self.gate = None,
+                }
+            }
+        }
+        let n = self.left.min(CHUNK.len());
+        self.left -= n;
+        self.sent += n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK[..n])))))
+    }
+}
+
+/// A plain HTTP/1.1 client with keep-alive.
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// An HTTP/2 (prior knowledge) client.
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// GET `url` with optional headers; returns status, headers and the whole body as text.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, String) {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client()
+        .request(req.body(full("")).unwrap())
+        .await
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// A running in-process fulcrum.
+pub struct TestProxy {
+    pub running: fulcrum::Running,
+    /// `http://127.0.0.1:PORT` of the first listener.
+    pub url: String,
+}
+
+/// Starts fulcrum with `config` (TOML); its listeners and admin should use port 0.
+pub async fn proxy(config: &str) -> TestProxy {
+    let config =
+        fulcrum::config::Config::parse(config, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+    let running = fulcrum::start(config, None)
+        .await
+        .expect("proxy did not start");
+    let url = format!("http://{}", running.listeners[0].1);
+    TestProxy { running, url }
+}
+
+/// A config with one listener, one catch-all route and one pool over `backends`
+/// (`(address, weight)`), plus `extra` TOML lines inside the pool table.
+pub fn one_pool(algorithm: &str, backends: &[(SocketAddr, u32)], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listeners]]
+name = "http"
+listen = "127.0.0.1:0"
+
+[[routes]]
+pool = "p"
+
+[pools.p]
+algorithm = "{algorithm}"
+backends = [{}]
+{extra}
+"#,
+        list.join(", ")
+    )
+}
