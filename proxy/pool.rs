@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use fulcrum_config::{Algorithm, PoolConfig};
 
+use std::time::Duration;
+
+use crate::balance::ewma::{now_ns, PeakEwma, FAILURE_PENALTY};
 use crate::balance::{self, PickCtx, Selector};
 use crate::upstream::UpstreamClient;
 
@@ -65,13 +68,17 @@ pub struct BackendState {
     pub failures: AtomicU64,
     pub healthy: AtomicBool,
     pub draining: AtomicBool,
+    /// Peak-EWMA latency, for least_response_time and status.
+    pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
     pub client: UpstreamClient,
 }
 
 impl BackendState {
-    pub fn new(client: UpstreamClient) -> BackendState {
+    /// A new backend, assumed to answer in `initial_rtt` until it has been measured.
+    pub fn new(client: UpstreamClient, initial_rtt: Duration) -> BackendState {
         BackendState {
+            latency: PeakEwma::new(initial_rtt, now_ns()),
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -84,6 +91,26 @@ impl BackendState {
     /// May new requests go here?
     pub fn is_eligible(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+impl Backend {
+    pub fn new(
+        pool: &str,
+        addr: SocketAddr,
+        spec: String,
+        weight: u32,
+        state: Arc<BackendState>,
+    ) -> Backend {
+        Backend {
+            id: BackendId::new(pool, addr),
+            addr,
+            spec,
+            weight,
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is a valid authority"),
+            state,
+        }
     }
 }
 
@@ -114,6 +141,18 @@ impl InFlight {
     pub fn state(&self) -> &BackendState {
         &self.0
     }
+
+    /// Records how the request went: the latency to the response head, or a failure
+    /// (which counts as `FAILURE_PENALTY`, so a backend that fails fast never looks fast).
+    pub fn record(&self, latency: Duration, ok: bool) {
+        let s = &self.0;
+        if ok {
+            s.latency.observe(latency, now_ns());
+        } else {
+            s.failures.fetch_add(1, Ordering::Relaxed);
+            s.latency.observe(latency.max(FAILURE_PENALTY), now_ns());
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -135,7 +174,7 @@ impl Pool {
         Pool {
             name: Arc::from(config.name.as_str()),
             algorithm: config.algorithm,
-            selector: balance::build(config.algorithm, &backends),
+            selector: balance::build(&config, &backends),
             backends,
             config,
         }

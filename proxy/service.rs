@@ -91,6 +91,7 @@ async fn proxy(
 
     let guard = InFlight::begin(&backend.state);
     let upstream_req = Request::from_parts(parts, Body::stream(body));
+    let started = std::time::Instant::now();
     match backend
         .state
         .client
@@ -98,15 +99,13 @@ async fn proxy(
         .await
     {
         Ok(resp) => {
+            guard.record(started.elapsed(), !resp.status().is_server_error());
             let (mut parts, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
             Ok(Response::from_parts(parts, Body::with_guard(body, guard)))
         }
         Err(e) => {
-            guard
-                .state()
-                .failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            guard.record(started.elapsed(), false);
             Err(e)
         }
     }

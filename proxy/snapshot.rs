@@ -5,9 +5,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fulcrum_config::{BackendConfig, Config};
 
+use crate::balance::ewma::{now_ns, DEFAULT_RTT};
 use crate::pool::{Backend, BackendId, BackendState, Pool};
 use crate::route::{Route, Router};
 use crate::upstream::UpstreamClient;
@@ -74,7 +76,8 @@ impl Snapshot {
         }
         let mut pools = HashMap::new();
         for (name, pc) in &config.pools {
-            let mut backends = Vec::new();
+            let mut backends: Vec<Arc<Backend>> = Vec::new();
+            let mut fresh = Vec::new();
             for bc in &pc.backends {
                 let addrs = resolved
                     .get(&(bc.host.clone(), bc.port))
@@ -82,22 +85,41 @@ impl Snapshot {
                     .unwrap_or(&[]);
                 for &addr in addrs {
                     let id = BackendId::new(name, addr);
-                    if backends.iter().any(|b: &Arc<Backend>| b.id == id) {
+                    if backends.iter().any(|b| b.id == id) {
                         continue;
                     }
-                    let state = states.get(&id).cloned().unwrap_or_else(|| {
-                        Arc::new(BackendState::new(UpstreamClient::new(pc.connect_timeout)))
-                    });
-                    let authority = http::uri::Authority::try_from(addr.to_string().as_str())
-                        .expect("a socket address is a valid authority");
-                    backends.push(Arc::new(Backend {
-                        id,
+                    let state = match states.get(&id) {
+                        Some(s) => s.clone(),
+                        None => {
+                            fresh.push(backends.len());
+                            Arc::new(BackendState::new(
+                                UpstreamClient::new(pc.connect_timeout),
+                                DEFAULT_RTT,
+                            ))
+                        }
+                    };
+                    backends.push(Arc::new(Backend::new(
+                        name,
                         addr,
-                        spec: bc.address.clone(),
-                        weight: bc.weight,
-                        authority,
+                        bc.address.clone(),
+                        bc.weight,
                         state,
-                    }));
+                    )));
+                }
+            }
+            // A new backend starts at its peers' mean latency, not at zero: no stampede onto it.
+            let now = now_ns();
+            let peers: Vec<f64> = (0..backends.len())
+                .filter(|i| !fresh.contains(i))
+                .map(|i| backends[i].state.latency.cost(now))
+                .collect();
+            if !peers.is_empty() && !fresh.is_empty() {
+                let mean = peers.iter().sum::<f64>() / peers.len() as f64;
+                for &i in &fresh {
+                    backends[i]
+                        .state
+                        .latency
+                        .set(Duration::from_nanos(mean as u64), now);
                 }
             }
             pools.insert(name.clone(), Arc::new(Pool::new(pc.clone(), backends)));

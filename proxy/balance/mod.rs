@@ -6,16 +6,27 @@
 //! skips what the predicate refuses. Live per-backend counters (in-flight) are read from the
 //! backends themselves, so a rebuilt selector keeps them.
 
+pub mod ewma;
+mod ip_hash;
+mod least_connections;
+mod least_response_time;
+pub mod random;
 mod round_robin;
 mod weighted_round_robin;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use fulcrum_config::Algorithm;
+use fulcrum_config::{Algorithm, PoolConfig};
 
 use crate::pool::Backend;
 
+pub use ip_hash::{hash_ip, maglev_table, IpHash};
+pub use least_connections::LeastConnections;
+pub use least_response_time::LeastResponseTime;
 pub use round_robin::RoundRobin;
 pub use weighted_round_robin::{smooth_sequence, WeightedRoundRobin};
 
@@ -34,16 +45,25 @@ pub trait Selector: Send + Sync {
     fn pick(&self, backends: &[Arc<Backend>], ctx: &PickCtx<'_>) -> Option<usize>;
 }
 
-/// Builds the selector for `algorithm` over `backends` (in the pool's order).
-pub fn build(algorithm: Algorithm, backends: &[Arc<Backend>]) -> Box<dyn Selector> {
-    match algorithm {
+/// Builds the selector for a pool over `backends` (in the pool's order).
+pub fn build(config: &PoolConfig, backends: &[Arc<Backend>]) -> Box<dyn Selector> {
+    // Seeded from the pool name: deterministic, yet pools do not move in lockstep.
+    let seed = random::mix64(
+        config
+            .name
+            .bytes()
+            .fold(0u64, |h, b| h.rotate_left(5) ^ b as u64),
+    );
+    let weights = || backends.iter().map(|b| b.weight).collect::<Vec<_>>();
+    match config.algorithm {
         Algorithm::RoundRobin => Box::new(RoundRobin::new()),
-        // The algorithms of later issues fall back on weighted round-robin until they land.
-        Algorithm::WeightedRoundRobin
-        | Algorithm::LeastConnections
-        | Algorithm::IpHash
-        | Algorithm::LeastResponseTime => Box::new(WeightedRoundRobin::new(
-            &backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+        Algorithm::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(&weights())),
+        Algorithm::LeastConnections => Box::new(LeastConnections::new(seed)),
+        Algorithm::LeastResponseTime => Box::new(LeastResponseTime::new(seed)),
+        Algorithm::IpHash => Box::new(IpHash::new(
+            &backends.iter().map(|b| b.id.0).collect::<Vec<_>>(),
+            &weights(),
+            config.hash_balance_factor,
         )),
     }
 }

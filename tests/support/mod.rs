@@ -315,3 +315,56 @@ backends = [{}]
         list.join(", ")
     )
 }
+
+/// GET over a fresh connection whose source address is `from` (any 127.0.0.0/8 address), so
+/// tests can be many clients.
+pub async fn get_from(from: std::net::IpAddr, url: &str) -> (StatusCode, String) {
+    let uri: http::Uri = url.parse().unwrap();
+    let port = uri.port_u16().unwrap_or(80);
+    let host = uri.host().unwrap().to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let stream = socket
+        .connect(SocketAddr::new(host.parse().unwrap(), port))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(uri.path())
+        .header("host", host)
+        .body(full(""))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Sends `total` GETs to `url` from `concurrency` concurrent clients; returns the bodies.
+pub async fn load(url: &str, concurrency: usize, total: usize) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, url) = (next.clone(), url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < total {
+                let resp = c
+                    .request(Request::get(url.as_str()).body(full("")).unwrap())
+                    .await
+                    .unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                out.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}

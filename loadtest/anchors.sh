@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs ../shared/bench/anchors.sh with fulcrum beside direct, nginx and HAProxy, in one run.
+#   loadtest/anchors.sh                       # defaults of anchors.sh (2 reps, wrk + oha)
+#   FULCRUM_THREADS=1 loadtest/anchors.sh     # fulcrum with one worker thread
+#   REPS=3 CASES="direct haproxy-t2" loadtest/anchors.sh
+# Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=${BENCH:-$ROOT/../shared/bench}
+THREADS=${FULCRUM_THREADS:-2}
+cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+CONF=$(mktemp /tmp/fulcrum-anchors.XXXXXX.toml)
+trap 'rm -f "$CONF"' EXIT
+sed "s|^# worker_threads is set.*|worker_threads = $THREADS|" "$ROOT/loadtest/anchors.toml" > "$CONF"
+# the [server] table comes first in the file, so the line lands inside it
+export PROXY_CMD="env RUST_LOG=warn $ROOT/target/release/fulcrum -c $CONF"
+export PROXY_URL=http://127.0.0.1:8080/
+export PROXY_NAME=${PROXY_NAME:-fulcrum-t$THREADS}
+exec "$BENCH/anchors.sh"
