@@ -57,6 +57,7 @@ fn pool(
             let state = Arc::new(BackendState::new(
                 UpstreamClient::new(Duration::from_secs(1)),
                 Duration::from_millis(1 + (i % 7) as u64),
+                true,
             ));
             state
                 .in_flight

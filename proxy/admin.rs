@@ -46,7 +46,7 @@ pub async fn run(socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
     }
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
@@ -90,7 +90,8 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                         "address": b.addr.to_string(),
                         "spec": b.spec,
                         "weight": b.weight,
-                        "healthy": s.healthy.load(Ordering::Relaxed),
+                        "healthy": s.health.is_healthy(),
+                        "breaker": s.breaker.state().name(),
                         "draining": s.draining.load(Ordering::Relaxed),
                         "in_flight": s.in_flight.load(Ordering::Relaxed),
                         "requests": s.requests.load(Ordering::Relaxed),

@@ -8,9 +8,11 @@
 pub mod admin;
 pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod demo;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod pool;
 pub mod route;

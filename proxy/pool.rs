@@ -3,7 +3,7 @@
 
 use std::hash::Hasher;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use fulcrum_config::{Algorithm, PoolConfig};
@@ -11,6 +11,8 @@ use fulcrum_config::{Algorithm, PoolConfig};
 use std::time::Duration;
 
 use crate::balance::ewma::{now_ns, PeakEwma, FAILURE_PENALTY};
+use crate::breaker::{self, Breaker};
+use crate::health::{self, Health};
 use crate::balance::{self, PickCtx, Selector};
 use crate::upstream::UpstreamClient;
 
@@ -66,8 +68,12 @@ pub struct BackendState {
     pub in_flight: AtomicU64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
-    pub healthy: AtomicBool,
+    pub health: Health,
+    pub breaker: Breaker,
     pub draining: AtomicBool,
+    pub times_ejected: AtomicU64,
+    pub times_recovered: AtomicU64,
+    pub breaker_transitions: AtomicU64,
     /// Peak-EWMA latency, for least_response_time and status.
     pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
@@ -76,21 +82,25 @@ pub struct BackendState {
 
 impl BackendState {
     /// A new backend, assumed to answer in `initial_rtt` until it has been measured.
-    pub fn new(client: UpstreamClient, initial_rtt: Duration) -> BackendState {
+    pub fn new(client: UpstreamClient, initial_rtt: Duration, healthy: bool) -> BackendState {
         BackendState {
             latency: PeakEwma::new(initial_rtt, now_ns()),
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
+            health: Health::new(healthy),
+            breaker: Breaker::default(),
+            times_ejected: AtomicU64::new(0),
+            times_recovered: AtomicU64::new(0),
+            breaker_transitions: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             client,
         }
     }
 
-    /// May new requests go here?
+    /// Healthy and not draining (the breaker is asked separately, with the pool's config).
     pub fn is_eligible(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+        self.health.is_healthy() && !self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -167,28 +177,194 @@ pub struct Pool {
     pub backends: Vec<Arc<Backend>>,
     pub selector: Box<dyn Selector>,
     pub config: PoolConfig,
+    /// Healthy backends, recounted on every health transition (rare), read per request to
+    /// decide panic mode without a scan.
+    healthy: AtomicUsize,
+    panic: AtomicBool,
+    pub retry_budget: RetryBudget,
+    pub rng: balance::random::SplitMix,
+}
+
+/// Milliseconds on the process clock, for breaker timers.
+pub fn now_ms() -> u64 {
+    now_ns() / 1_000_000
 }
 
 impl Pool {
     pub fn new(config: PoolConfig, backends: Vec<Arc<Backend>>) -> Pool {
-        Pool {
+        let pool = Pool {
             name: Arc::from(config.name.as_str()),
             algorithm: config.algorithm,
             selector: balance::build(&config, &backends),
+            healthy: AtomicUsize::new(0),
+            panic: AtomicBool::new(false),
+            retry_budget: RetryBudget::new(config.retry.budget_percent),
+            rng: balance::random::SplitMix::new(now_ns()),
             backends,
             config,
+        };
+        pool.recount_healthy();
+        pool
+    }
+
+    /// Panic mode (Envoy's panic threshold): some, but fewer than `panic_threshold` percent,
+    /// of the backends are healthy; then health is ignored rather than crushing the few left.
+    pub fn in_panic(&self) -> bool {
+        let healthy = self.healthy.load(Ordering::Relaxed);
+        healthy > 0 && healthy * 100 < self.config.panic_threshold as usize * self.backends.len()
+    }
+
+    /// Recounts healthy backends after a health transition; logs entering and leaving panic.
+    pub fn recount_healthy(&self) -> usize {
+        let healthy = self.backends.iter().filter(|b| b.state.health.is_healthy()).count();
+        self.healthy.store(healthy, Ordering::Relaxed);
+        let panic = self.in_panic();
+        if self.panic.swap(panic, Ordering::Relaxed) != panic {
+            if panic {
+                tracing::warn!(pool = %self.name, healthy, total = self.backends.len(), "panic mode: balancing over all backends, healthy or not");
+            } else {
+                tracing::info!(pool = %self.name, healthy, total = self.backends.len(), "panic mode over");
+            }
+        }
+        healthy
+    }
+
+    /// Picks a backend for one request: the selector over backends that are healthy (or
+    /// any, in panic mode), not draining, whose breaker lets a request through, and not in
+    /// `exclude` (backends a retry already tried). Takes the breaker's permit.
+    pub fn pick(&self, client: std::net::IpAddr, exclude: &[BackendId]) -> Option<&Arc<Backend>> {
+        let backends = &self.backends;
+        let panic = self.in_panic();
+        let now = now_ms();
+        let cb = &self.config.circuit_breaker;
+        let mut refused = [BackendId(0); 4];
+        let mut n_refused = 0;
+        for _ in 0..4 {
+            let eligible = |i: usize| {
+                let b = &backends[i];
+                let s = &b.state;
+                (panic || s.health.is_healthy())
+                    && !s.draining.load(Ordering::Relaxed)
+                    && s.breaker.would_allow(now, cb)
+                    && !exclude.contains(&b.id)
+                    && !refused[..n_refused].contains(&b.id)
+            };
+            let ctx = PickCtx {
+                client,
+                eligible: &eligible,
+            };
+            let b = &backends[self.selector.pick(backends, &ctx)?];
+            // The permit is taken only for the backend chosen; a half-open breaker that ran
+            // out of permits since the check sends us to another.
+            let (allowed, t) = b.state.breaker.apply(breaker::Event::Acquire, now, cb);
+            if let Some(t) = t {
+                log_breaker(&self.name, b, t);
+            }
+            if allowed {
+                return Some(b);
+            }
+            refused[n_refused] = b.id;
+            n_refused += 1;
+        }
+        None
+    }
+
+    /// Records how a request to `backend` went in its breaker and, when passive detection is
+    /// on, its health (never ejecting more than `max_ejection_percent` of the pool).
+    pub fn observe(&self, backend: &Backend, ok: bool) {
+        let s = &backend.state;
+        let event = if ok { breaker::Event::Success } else { breaker::Event::Failure };
+        if let (_, Some(t)) = s.breaker.apply(event, now_ms(), &self.config.circuit_breaker) {
+            log_breaker(&self.name, backend, t);
+        }
+        let hc = &self.config.health_check;
+        if !(hc.enabled && hc.passive) {
+            return;
+        }
+        let t = if ok {
+            s.health.record_passive_success(hc)
+        } else {
+            s.health.record(false, self.may_eject(), hc)
+        };
+        if let Some(t) = t {
+            self.health_transition(backend, t, "passive");
         }
     }
 
-    /// Picks a backend for one request, skipping ineligible ones.
-    pub fn pick(&self, client: std::net::IpAddr) -> Option<&Arc<Backend>> {
-        let backends = &self.backends;
-        let eligible = |i: usize| backends[i].state.is_eligible();
-        let ctx = PickCtx {
-            client,
-            eligible: &eligible,
-        };
-        self.selector.pick(backends, &ctx).map(|i| &backends[i])
+    /// Passive ejection is allowed while fewer than `max_ejection_percent` are unhealthy.
+    fn may_eject(&self) -> bool {
+        let n = self.backends.len();
+        let unhealthy = n - self.healthy.load(Ordering::Relaxed).min(n);
+        (unhealthy + 1) * 100 <= self.config.health_check.max_ejection_percent as usize * n
+    }
+
+    /// Logs a health change once and recounts the pool.
+    pub fn health_transition(&self, backend: &Backend, t: health::Transition, source: &str) {
+        match t {
+            health::Transition::BecameUnhealthy => {
+                tracing::warn!(pool = %self.name, backend = %backend.addr, source, "backend marked unhealthy")
+            }
+            health::Transition::BecameHealthy => {
+                tracing::info!(pool = %self.name, backend = %backend.addr, source, "backend healthy again")
+            }
+        }
+        s_count(&backend.state, t);
+        self.recount_healthy();
+    }
+}
+
+fn s_count(state: &BackendState, t: health::Transition) {
+    let counter = match t {
+        health::Transition::BecameUnhealthy => &state.times_ejected,
+        health::Transition::BecameHealthy => &state.times_recovered,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn log_breaker(pool: &str, b: &Backend, t: breaker::Transition) {
+    b.state.breaker_transitions.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(pool, backend = %b.addr, from = t.from.name(), to = t.to.name(), "circuit breaker");
+}
+
+/// Retries may add at most `percent` of the requests (Finagle's retry budget): every
+/// request deposits `percent / 100` of a token, every retry withdraws one. A small reserve
+/// lets the first retries of a quiet pool through; the cap keeps a long calm period from
+/// saving up a retry storm.
+pub struct RetryBudget {
+    /// Milli-tokens.
+    tokens: AtomicI64,
+    percent: i64,
+}
+
+pub const RETRY_RESERVE: i64 = 10;
+
+impl RetryBudget {
+    pub fn new(percent: u32) -> RetryBudget {
+        RetryBudget {
+            tokens: AtomicI64::new(RETRY_RESERVE * 1000),
+            percent: percent as i64,
+        }
+    }
+
+    pub fn deposit(&self) {
+        let cap = RETRY_RESERVE * 1000;
+        if self.tokens.load(Ordering::Relaxed) < cap {
+            self.tokens.fetch_add(self.percent * 10, Ordering::Relaxed);
+        }
+    }
+
+    pub fn try_withdraw(&self) -> bool {
+        let mut current = self.tokens.load(Ordering::Relaxed);
+        while current >= 1000 {
+            match self
+                .tokens
+                .compare_exchange_weak(current, current - 1000, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+        false
     }
 }
 
@@ -212,5 +388,25 @@ mod tests {
         h.write(b"api\xff");
         h.write(&[10, 0, 0, 1, 0, 80]);
         assert_eq!(BackendId::new("api", a).0, h.finish());
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn retry_budget_allows_the_reserve_then_the_share() {
+        let b = RetryBudget::new(20);
+        let mut retries = 0;
+        for _ in 0..1000 {
+            b.deposit();
+            // Every request wants two retries (everything is failing).
+            for _ in 0..2 {
+                retries += b.try_withdraw() as usize;
+            }
+        }
+        assert!(retries <= 200 + RETRY_RESERVE as usize, "{retries}");
+        assert!(retries >= 200, "{retries}");
     }
 }

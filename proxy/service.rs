@@ -1,18 +1,26 @@
-//! One request end to end: snapshot → route → pool → backend → upstream → response.
+//! One request end to end: snapshot → route → pool → backend → upstream → response, with
+//! retries on another backend for requests that are safe to repeat.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::error::ProxyError;
 use crate::headers;
-use crate::pool::InFlight;
+use crate::pool::{BackendId, InFlight, Pool};
 use crate::server::Shared;
+
+/// Bodies up to this size of idempotent requests are kept so the request can be retried;
+/// larger ones stream through once.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What a request knows about the connection it came on.
 pub struct ConnInfo {
@@ -37,6 +45,14 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     }
 }
 
+/// GET, HEAD, OPTIONS, PUT, DELETE (and TRACE): repeating them changes nothing more.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
 async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
@@ -52,8 +68,9 @@ async fn proxy(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
 
-    // One snapshot load; everything needed after the await is cloned out of it.
-    let (backend, timeout) = {
+    // One snapshot load; the pool is cloned out so nothing borrows the snapshot across an
+    // await (a reload may swap it meanwhile; this request finishes on the pool it chose).
+    let pool: Arc<Pool> = {
         let snap = shared.snapshot.load();
         let route = snap
             .router
@@ -64,14 +81,7 @@ async fn proxy(
                 &parts.headers,
             )
             .ok_or(ProxyError::NoRoute)?;
-        let pool = route.pool();
-        let backend = pool
-            .pick(conn.peer.ip())
-            .ok_or_else(|| ProxyError::NoBackend {
-                pool: pool.name.clone(),
-            })?
-            .clone();
-        (backend, pool.config.timeout)
+        route.pool().clone()
     };
 
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -79,36 +89,135 @@ async fn proxy(
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host) {
         parts.headers.insert(header::HOST, h.clone());
     }
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(backend.authority.clone());
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri =
-        Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     parts.version = Version::HTTP_11;
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
-    let guard = InFlight::begin(&backend.state);
-    let upstream_req = Request::from_parts(parts, Body::stream(body));
-    let started = std::time::Instant::now();
-    match backend
-        .state
-        .client
-        .send(backend.addr, upstream_req, timeout)
-        .await
+    // Can this request be sent twice? Idempotent, and its body (if any) small enough to keep.
+    let retries = if idempotent(&parts.method) {
+        pool.config.retry.attempts
+    } else {
+        0
+    };
+    let mut stream_body = None;
+    let mut replay: Option<Bytes> = None;
+    if retries == 0 {
+        stream_body = Some(body);
+    } else if http_body::Body::is_end_stream(&body) {
+        replay = Some(Bytes::new());
+    } else if http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|n| n <= REPLAY_LIMIT)
     {
-        Ok(resp) => {
-            guard.record(started.elapsed(), !resp.status().is_server_error());
-            let (mut parts, body) = resp.into_parts();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Body::with_guard(body, guard)))
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|_| ProxyError::BadRequest("request body ended early"))?
+            .to_bytes();
+        replay = Some(bytes);
+    } else {
+        stream_body = Some(body);
+    }
+    let max_attempts = if replay.is_some() { 1 + retries } else { 1 };
+    pool.retry_budget.deposit();
+
+    let mut tried = [BackendId(0); 11];
+    let mut last: Option<Result<Response<Body>, ProxyError>> = None;
+    for attempt in 0..max_attempts as usize {
+        if attempt > 0 {
+            if !pool.retry_budget.try_withdraw() {
+                break;
+            }
+            tokio::time::sleep(backoff(&pool, attempt)).await;
         }
-        Err(e) => {
-            guard.record(started.elapsed(), false);
-            Err(e)
+        let Some(backend) = pool.pick(conn.peer.ip(), &tried[..attempt]).cloned() else {
+            break;
+        };
+        tried[attempt] = backend.id;
+
+        let uri = Uri::from_parts({
+            let mut u = http::uri::Parts::default();
+            u.scheme = Some(http::uri::Scheme::HTTP);
+            u.authority = Some(backend.authority.clone());
+            u.path_and_query = Some(path.clone());
+            u
+        })
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let is_last = attempt + 1 == max_attempts as usize;
+        let mut req = Request::new(match (&replay, stream_body.take()) {
+            (Some(b), _) => Body::full(b.clone()),
+            (None, Some(b)) => Body::stream(b),
+            (None, None) => Body::empty(),
+        });
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = if is_last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+
+        let guard = InFlight::begin(&backend.state);
+        let started = std::time::Instant::now();
+        let result = backend
+            .state
+            .client
+            .send(backend.addr, req, pool.config.timeout)
+            .await;
+        let elapsed = started.elapsed();
+        match result {
+            Ok(resp) => {
+                let ok = !resp.status().is_server_error();
+                guard.record(elapsed, ok);
+                pool.observe(&backend, ok);
+                let retry = matches!(
+                    resp.status(),
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ) && !is_last;
+                let (mut rparts, rbody) = resp.into_parts();
+                headers::strip_hop_by_hop(&mut rparts.headers);
+                let resp = Response::from_parts(rparts, Body::with_guard(rbody, guard));
+                if !retry {
+                    return Ok(resp);
+                }
+                tracing::debug!(pool = %pool.name, backend = %backend.addr, attempt, "retrying after a 502/503");
+                last = Some(Ok(resp));
+            }
+            Err(e) => {
+                guard.record(elapsed, false);
+                pool.observe(&backend, false);
+                let retry = e.retryable();
+                tracing::debug!(pool = %pool.name, error = %e, attempt, retry, "attempt failed");
+                last = Some(Err(e));
+                if !retry {
+                    break;
+                }
+            }
         }
     }
+    match last {
+        Some(result) => result,
+        None => Err(ProxyError::NoBackend {
+            pool: pool.name.clone(),
+        }),
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the step fixed, half random.
+fn backoff(pool: &Pool, attempt: usize) -> Duration {
+    let step = pool
+        .config
+        .retry
+        .backoff
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(MAX_BACKOFF);
+    let half = step / 2;
+    let jitter = (pool.rng.next() % (half.as_micros() as u64 + 1)) as u64;
+    half + Duration::from_micros(jitter)
 }
 
 /// fulcrum's own answer for an error: short plain text, no internal address.

@@ -95,6 +95,7 @@ impl Snapshot {
                             Arc::new(BackendState::new(
                                 UpstreamClient::new(pc.connect_timeout),
                                 DEFAULT_RTT,
+                                pc.health_check.initially_healthy || !pc.health_check.enabled,
                             ))
                         }
                     };

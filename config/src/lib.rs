@@ -295,6 +295,10 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     pub healthy_threshold: u32,
     pub initially_healthy: bool,
+    /// Passive detection: real traffic's failures feed the same state.
+    pub passive: bool,
+    /// Passive detection never marks more than this share of the pool unhealthy.
+    pub max_ejection_percent: u32,
 }
 
 impl Default for HealthCheckConfig {
@@ -308,6 +312,8 @@ impl Default for HealthCheckConfig {
             unhealthy_threshold: 3,
             healthy_threshold: 2,
             initially_healthy: true,
+            passive: true,
+            max_ejection_percent: 50,
         }
     }
 }
@@ -363,6 +369,8 @@ pub struct PoolConfig {
     pub hash_balance_factor: Option<f64>,
     pub dynamic: bool,
     pub slow_start: Option<Duration>,
+    /// Below this share of healthy backends (and above zero), balance over all of them.
+    pub panic_threshold: u32,
     pub health_check: HealthCheckConfig,
     pub circuit_breaker: CircuitBreakerConfig,
     pub retry: RetryConfig,
@@ -384,6 +392,7 @@ impl PoolConfig {
             hash_balance_factor: None,
             dynamic: false,
             slow_start: None,
+            panic_threshold: 50,
             health_check: HealthCheckConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             retry: RetryConfig::default(),

@@ -135,6 +135,7 @@ pub struct RawPool {
     #[serde(default)]
     pub dynamic: bool,
     pub slow_start: Option<S<String>>,
+    pub panic_threshold: Option<S<i64>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,
@@ -175,6 +176,8 @@ pub struct RawHealthCheck {
     pub unhealthy_threshold: Option<S<i64>>,
     pub healthy_threshold: Option<S<i64>>,
     pub initially: Option<S<String>>,
+    pub max_ejection_percent: Option<S<i64>>,
+    pub passive: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -27,6 +27,7 @@ fn backend(i: usize, weight: u32) -> Arc<Backend> {
     let state = Arc::new(BackendState::new(
         UpstreamClient::new(Duration::from_secs(1)),
         DEFAULT_RTT,
+        true,
     ));
     Arc::new(Backend::new("p", addr, addr.to_string(), weight, state))
 }
