@@ -85,7 +85,12 @@ impl Word {
 
 /// One step of the state machine: the next word, whether the event is allowed (for
 /// `Acquire`), and the transition if the state changed.
-pub fn step(w: Word, event: Event, now_ms: u64, cfg: &CircuitBreakerConfig) -> (Word, bool, Option<Transition>) {
+pub fn step(
+    w: Word,
+    event: Event,
+    now_ms: u64,
+    cfg: &CircuitBreakerConfig,
+) -> (Word, bool, Option<Transition>) {
     use BreakerState::*;
     use Event::*;
     let open_ms = cfg.open_duration.as_millis() as u64;
@@ -107,7 +112,13 @@ pub fn step(w: Word, event: Event, now_ms: u64, cfg: &CircuitBreakerConfig) -> (
             },
             true,
         ),
-        (Closed, Failure) => to(Word { count: w.count + 1, ..w }, true),
+        (Closed, Failure) => to(
+            Word {
+                count: w.count + 1,
+                ..w
+            },
+            true,
+        ),
         (Open, Acquire) if now_ms >= w.opened_at + open_ms => to(
             Word {
                 state: HalfOpen,
@@ -119,7 +130,13 @@ pub fn step(w: Word, event: Event, now_ms: u64, cfg: &CircuitBreakerConfig) -> (
         (Open, Acquire) => (w, false, None),
         // A late answer of a request let through before the breaker opened: ignored.
         (Open, Success | Failure) => (w, true, None),
-        (HalfOpen, Acquire) if w.count < cfg.half_open_requests => to(Word { count: w.count + 1, ..w }, true),
+        (HalfOpen, Acquire) if w.count < cfg.half_open_requests => to(
+            Word {
+                count: w.count + 1,
+                ..w
+            },
+            true,
+        ),
         (HalfOpen, Acquire) => (w, false, None),
         (HalfOpen, Success) => to(Word::CLOSED, true),
         (HalfOpen, Failure) => to(
@@ -161,7 +178,12 @@ impl Breaker {
     }
 
     /// Applies `event`; returns whether it was allowed and the transition, if any.
-    pub fn apply(&self, event: Event, now_ms: u64, cfg: &CircuitBreakerConfig) -> (bool, Option<Transition>) {
+    pub fn apply(
+        &self,
+        event: Event,
+        now_ms: u64,
+        cfg: &CircuitBreakerConfig,
+    ) -> (bool, Option<Transition>) {
         if !cfg.enabled {
             return (true, None);
         }
@@ -172,10 +194,12 @@ impl Breaker {
             if next == current {
                 return (allowed, t);
             }
-            match self
-                .word
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.word.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return (allowed, t),
                 Err(actual) => current = actual,
             }
@@ -229,7 +253,9 @@ mod tests {
         let b = Breaker::default();
         b.apply(Event::Failure, 0, &c);
         assert_eq!(b.state(), BreakerState::Open);
-        let allowed: Vec<bool> = (0..5).map(|_| b.apply(Event::Acquire, 30_000, &c).0).collect();
+        let allowed: Vec<bool> = (0..5)
+            .map(|_| b.apply(Event::Acquire, 30_000, &c).0)
+            .collect();
         assert_eq!(allowed, [true, true, true, false, false]);
         assert_eq!(b.state(), BreakerState::HalfOpen);
         let (_, t) = b.apply(Event::Success, 30_001, &c);
@@ -268,7 +294,11 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let (b, c) = (b.clone(), c.clone());
-                std::thread::spawn(move || (0..1000).filter(|_| b.apply(Event::Acquire, 30_000, &c).0).count())
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .filter(|_| b.apply(Event::Acquire, 30_000, &c).0)
+                        .count()
+                })
             })
             .collect();
         let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();

@@ -30,7 +30,9 @@ const COUNT_MAX: u32 = (1 << 31) - 1;
 
 impl Word {
     fn pack(self) -> u64 {
-        (self.healthy as u64) << 63 | (self.successes.min(COUNT_MAX) as u64) << 31 | self.failures.min(COUNT_MAX) as u64
+        (self.healthy as u64) << 63
+            | (self.successes.min(COUNT_MAX) as u64) << 31
+            | self.failures.min(COUNT_MAX) as u64
     }
     fn unpack(w: u64) -> Word {
         Word {
@@ -43,7 +45,12 @@ impl Word {
 
 /// One observation. `may_eject = false` keeps a healthy backend healthy whatever the
 /// failures (passive ejection capped by `max_ejection_percent`).
-pub fn step(w: Word, ok: bool, may_eject: bool, cfg: &HealthCheckConfig) -> (Word, Option<Transition>) {
+pub fn step(
+    w: Word,
+    ok: bool,
+    may_eject: bool,
+    cfg: &HealthCheckConfig,
+) -> (Word, Option<Transition>) {
     if ok {
         let successes = w.successes.saturating_add(1);
         if !w.healthy && successes >= cfg.healthy_threshold {
@@ -124,10 +131,12 @@ impl Health {
             if next == current {
                 return t;
             }
-            match self
-                .word
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.word.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return t,
                 Err(actual) => current = actual,
             }
@@ -172,7 +181,11 @@ impl Probe for HttpProbe {
             .body(crate::body::Body::empty());
         let Ok(req) = req else { return false };
         // The caller bounds the whole check with the configured timeout.
-        match self.client.send(self.addr, req, Duration::from_secs(3600)).await {
+        match self
+            .client
+            .send(self.addr, req, Duration::from_secs(3600))
+            .await
+        {
             Ok(resp) => {
                 let s = resp.status();
                 // Drain the body so the connection goes back to the pool.
@@ -196,13 +209,20 @@ impl Probe for TcpProbe {
 /// Checks every `interval` (the first after `interval + jitter`), each bounded by
 /// `timeout` (a timeout is a failure), and hands every result to `on_result`, which records
 /// it. Runs until aborted (the backend left its pool).
-pub async fn run<P: Probe>(probe: P, cfg: HealthCheckConfig, jitter: Duration, mut on_result: impl FnMut(bool) + Send) {
+pub async fn run<P: Probe>(
+    probe: P,
+    cfg: HealthCheckConfig,
+    jitter: Duration,
+    mut on_result: impl FnMut(bool) + Send,
+) {
     let start = tokio::time::Instant::now() + cfg.interval + jitter;
     let mut ticks = tokio::time::interval_at(start, cfg.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let ok = tokio::time::timeout(cfg.timeout, probe.probe()).await.unwrap_or(false);
+        let ok = tokio::time::timeout(cfg.timeout, probe.probe())
+            .await
+            .unwrap_or(false);
         on_result(ok);
     }
 }
@@ -249,7 +269,10 @@ mod tests {
             assert_eq!(h.record(false, false, &cfg()), None);
         }
         assert!(h.is_healthy());
-        assert_eq!(h.record(false, true, &cfg()), Some(Transition::BecameUnhealthy));
+        assert_eq!(
+            h.record(false, true, &cfg()),
+            Some(Transition::BecameUnhealthy)
+        );
     }
 
     /// A probe the test flips between healthy, failing and stalling (past the timeout).
@@ -289,7 +312,10 @@ mod tests {
         assert!(health.is_healthy(), "unhealthy before the third check");
         at(t0, 90.1).await;
         assert!(!health.is_healthy());
-        assert_eq!(transitions.lock().unwrap()[0].0, Transition::BecameUnhealthy);
+        assert_eq!(
+            transitions.lock().unwrap()[0].0,
+            Transition::BecameUnhealthy
+        );
         assert_eq!(transitions.lock().unwrap()[0].1, Duration::from_secs(90));
 
         // Two successes (at 120 s and 150 s) bring it back.
@@ -304,7 +330,10 @@ mod tests {
         at(t0, 240.0 + 4.9).await;
         assert!(health.is_healthy());
         at(t0, 240.0 + 5.1).await;
-        assert!(!health.is_healthy(), "three timed-out checks should mark it unhealthy");
+        assert!(
+            !health.is_healthy(),
+            "three timed-out checks should mark it unhealthy"
+        );
         task.abort();
     }
 

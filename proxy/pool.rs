@@ -11,9 +11,9 @@ use fulcrum_config::{Algorithm, PoolConfig};
 use std::time::Duration;
 
 use crate::balance::ewma::{now_ns, PeakEwma, FAILURE_PENALTY};
+use crate::balance::{self, PickCtx, Selector};
 use crate::breaker::{self, Breaker};
 use crate::health::{self, Health};
-use crate::balance::{self, PickCtx, Selector};
 use crate::upstream::UpstreamClient;
 
 /// A backend's identity: stable for the same pool and address, across reloads and across
@@ -216,7 +216,11 @@ impl Pool {
 
     /// Recounts healthy backends after a health transition; logs entering and leaving panic.
     pub fn recount_healthy(&self) -> usize {
-        let healthy = self.backends.iter().filter(|b| b.state.health.is_healthy()).count();
+        let healthy = self
+            .backends
+            .iter()
+            .filter(|b| b.state.health.is_healthy())
+            .count();
         self.healthy.store(healthy, Ordering::Relaxed);
         let panic = self.in_panic();
         if self.panic.swap(panic, Ordering::Relaxed) != panic {
@@ -238,8 +242,7 @@ impl Pool {
         let now = now_ms();
         let cb = &self.config.circuit_breaker;
         let mut refused = [BackendId(0); 4];
-        let mut n_refused = 0;
-        for _ in 0..4 {
+        for n_refused in 0..refused.len() {
             let eligible = |i: usize| {
                 let b = &backends[i];
                 let s = &b.state;
@@ -264,7 +267,6 @@ impl Pool {
                 return Some(b);
             }
             refused[n_refused] = b.id;
-            n_refused += 1;
         }
         None
     }
@@ -273,8 +275,15 @@ impl Pool {
     /// on, its health (never ejecting more than `max_ejection_percent` of the pool).
     pub fn observe(&self, backend: &Backend, ok: bool) {
         let s = &backend.state;
-        let event = if ok { breaker::Event::Success } else { breaker::Event::Failure };
-        if let (_, Some(t)) = s.breaker.apply(event, now_ms(), &self.config.circuit_breaker) {
+        let event = if ok {
+            breaker::Event::Success
+        } else {
+            breaker::Event::Failure
+        };
+        if let (_, Some(t)) = s
+            .breaker
+            .apply(event, now_ms(), &self.config.circuit_breaker)
+        {
             log_breaker(&self.name, backend, t);
         }
         let hc = &self.config.health_check;
@@ -356,10 +365,12 @@ impl RetryBudget {
     pub fn try_withdraw(&self) -> bool {
         let mut current = self.tokens.load(Ordering::Relaxed);
         while current >= 1000 {
-            match self
-                .tokens
-                .compare_exchange_weak(current, current - 1000, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match self.tokens.compare_exchange_weak(
+                current,
+                current - 1000,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return true,
                 Err(actual) => current = actual,
             }

@@ -111,14 +111,23 @@ impl Shared {
 
 /// One backend's active check task. Results go to the backend's `Health`; a transition is
 /// logged and recounted by the backend's pool in the current snapshot.
-fn spawn_check(shared: Weak<Shared>, pool: Arc<str>, b: &Backend, cfg: HealthCheckConfig) -> JoinHandle<()> {
+fn spawn_check(
+    shared: Weak<Shared>,
+    pool: Arc<str>,
+    b: &Backend,
+    cfg: HealthCheckConfig,
+) -> JoinHandle<()> {
     let state = b.state.clone();
     let id = b.id;
     let jitter = health::jitter_for(id.0, cfg.interval);
     let record_cfg = cfg.clone();
     let on_result = move |ok: bool| {
-        let Some(t) = state.health.record(ok, true, &record_cfg) else { return };
-        let Some(shared) = shared.upgrade() else { return };
+        let Some(t) = state.health.record(ok, true, &record_cfg) else {
+            return;
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
         let snap = shared.snapshot.load();
         if let Some(pool) = snap.pools.get(&*pool) {
             if let Some(b) = pool.backends.iter().find(|b| b.id == id) {
@@ -131,7 +140,12 @@ fn spawn_check(shared: Weak<Shared>, pool: Arc<str>, b: &Backend, cfg: HealthChe
             let probe = health::HttpProbe::new(b.state.client.clone(), b.addr, &cfg.path);
             tokio::spawn(health::run(probe, cfg, jitter, on_result))
         }
-        HealthCheckKind::Tcp => tokio::spawn(health::run(health::TcpProbe(b.addr), cfg, jitter, on_result)),
+        HealthCheckKind::Tcp => tokio::spawn(health::run(
+            health::TcpProbe(b.addr),
+            cfg,
+            jitter,
+            on_result,
+        )),
     }
 }
 

@@ -190,7 +190,10 @@ async fn proxy(
             Err(e) => {
                 guard.record(elapsed, false);
                 pool.observe(&backend, false);
-                let retry = e.retryable();
+                // Every request that gets here twice is idempotent and replayable, so a
+                // connection lost before the answer may be retried too; a timeout is not
+                // (the backend may still be working on it).
+                let retry = e.retryable() || matches!(e, ProxyError::Upstream { .. });
                 tracing::debug!(pool = %pool.name, error = %e, attempt, retry, "attempt failed");
                 last = Some(Err(e));
                 if !retry {
@@ -216,7 +219,7 @@ fn backoff(pool: &Pool, attempt: usize) -> Duration {
         .saturating_mul(1 << (attempt - 1).min(16))
         .min(MAX_BACKOFF);
     let half = step / 2;
-    let jitter = (pool.rng.next() % (half.as_micros() as u64 + 1)) as u64;
+    let jitter = pool.rng.next() % (half.as_micros() as u64 + 1);
     half + Duration::from_micros(jitter)
 }
 

@@ -460,7 +460,8 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             v.int(&h.unhealthy_threshold, "unhealthy_threshold", 1, 1000, 3) as u32;
         hc.healthy_threshold = v.int(&h.healthy_threshold, "healthy_threshold", 1, 1000, 2) as u32;
         hc.passive = h.passive.unwrap_or(true);
-        hc.max_ejection_percent = v.int(&h.max_ejection_percent, "max_ejection_percent", 0, 100, 50) as u32;
+        hc.max_ejection_percent =
+            v.int(&h.max_ejection_percent, "max_ejection_percent", 0, 100, 50) as u32;
         if let Some(i) = &h.initially {
             match i.get_ref().as_str() {
                 "healthy" => hc.initially_healthy = true,

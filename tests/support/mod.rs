@@ -32,6 +32,8 @@ pub fn full(b: impl Into<Bytes>) -> TestBody {
 #[derive(Default)]
 pub struct Seen {
     pub hits: AtomicUsize,
+    /// The status ordinary requests get; tests change it to make a backend fail or recover.
+    pub status: std::sync::atomic::AtomicU16,
     /// TCP connections accepted.
     pub conns: AtomicUsize,
     pub headers: Mutex<Vec<HeaderMap>>,
@@ -60,6 +62,7 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
     task: tokio::task::JoinHandle<()>,
+    dead: tokio::sync::watch::Sender<bool>,
 }
 
 impl TestBackend {
@@ -75,9 +78,13 @@ impl TestBackend {
             .cloned()
             .expect("no request seen")
     }
-    /// Stops accepting and closes the listening socket.
+    /// Dies like a crashed process: the listening socket and every open connection close.
     pub fn kill(&self) {
         self.task.abort();
+        let _ = self.dead.send(true);
+    }
+    pub fn set_status(&self, s: u16) {
+        self.seen.status.store(s, Ordering::SeqCst);
     }
 }
 
@@ -99,11 +106,18 @@ impl BackendBuilder {
     /// `/download-gated` sends one chunk, waits for `release`, then sends 10 MiB more;
     /// anything else answers the backend's name.
     pub async fn spawn(self) -> TestBackend {
-        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.spawn_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Serves on `addr` (a killed backend's address, to bring it back).
+    pub async fn spawn_at(self, addr: SocketAddr) -> TestBackend {
+        let socket = TcpListener::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
+        seen.status.store(self.status.as_u16(), Ordering::SeqCst);
         let name: Arc<str> = Arc::from(self.name.as_str());
-        let (delay, status) = (self.delay, self.status);
+        let delay = self.delay;
+        let (dead, dead_rx) = tokio::sync::watch::channel(false);
         let seen2 = seen.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -116,12 +130,21 @@ impl BackendBuilder {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let seen = seen.clone();
                     let name = name.clone();
-                    async move { Ok::<_, Infallible>(answer(req, &name, &seen, delay, status).await) }
+                    async move {
+                        let status =
+                            StatusCode::from_u16(seen.status.load(Ordering::SeqCst)).unwrap();
+                        Ok::<_, Infallible>(answer(req, &name, &seen, delay, status).await)
+                    }
                 });
+                let mut dead = dead_rx.clone();
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = dead.wait_for(|d| *d) => {}
+                    }
                 });
             }
         });
@@ -130,6 +153,7 @@ impl BackendBuilder {
             addr,
             seen,
             task,
+            dead,
         }
     }
 }
