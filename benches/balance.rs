@@ -49,6 +49,7 @@ fn pool(
         .build()
         .unwrap();
     let _enter = rt.enter();
+    let load = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let backends: Vec<Arc<Backend>> = (0..n)
         .map(|i| {
             let addr: SocketAddr = format!("10.{}.{}.1:8080", i / 250, i % 250)

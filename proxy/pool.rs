@@ -74,6 +74,9 @@ pub struct BackendState {
     pub times_ejected: AtomicU64,
     pub times_recovered: AtomicU64,
     pub breaker_transitions: AtomicU64,
+    /// In-flight requests of the whole pool (shared by its backends), for bounded-load
+    /// hashing without a scan.
+    pub pool_load: Arc<AtomicU64>,
     /// Peak-EWMA latency, for least_response_time and status.
     pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
@@ -93,9 +96,16 @@ impl BackendState {
             times_ejected: AtomicU64::new(0),
             times_recovered: AtomicU64::new(0),
             breaker_transitions: AtomicU64::new(0),
+            pool_load: Arc::new(AtomicU64::new(0)),
             draining: AtomicBool::new(false),
             client,
         }
+    }
+
+    /// Counts this backend's requests into the pool-wide counter `load`.
+    pub fn with_pool_load(mut self, load: Arc<AtomicU64>) -> BackendState {
+        self.pool_load = load;
+        self
     }
 
     /// Healthy and not draining (the breaker is asked separately, with the pool's config).
@@ -144,6 +154,7 @@ pub struct InFlight(Arc<BackendState>);
 impl InFlight {
     pub fn begin(state: &Arc<BackendState>) -> InFlight {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
+        state.pool_load.fetch_add(1, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);
         InFlight(state.clone())
     }
@@ -168,6 +179,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.pool_load.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -183,6 +195,8 @@ pub struct Pool {
     panic: AtomicBool,
     pub retry_budget: RetryBudget,
     pub rng: balance::random::SplitMix,
+    /// Requests in flight on the whole pool; carried across reloads with the pool.
+    pub load: Arc<AtomicU64>,
 }
 
 /// Milliseconds on the process clock, for breaker timers.
@@ -191,8 +205,10 @@ pub fn now_ms() -> u64 {
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, backends: Vec<Arc<Backend>>) -> Pool {
+    /// `load` must be the counter every backend's state points at (`with_pool_load`).
+    pub fn new(config: PoolConfig, backends: Vec<Arc<Backend>>, load: Arc<AtomicU64>) -> Pool {
         let pool = Pool {
+            load,
             name: Arc::from(config.name.as_str()),
             algorithm: config.algorithm,
             selector: balance::build(&config, &backends),

@@ -76,6 +76,10 @@ impl Snapshot {
         }
         let mut pools = HashMap::new();
         for (name, pc) in &config.pools {
+            let load = previous
+                .and_then(|p| p.pools.get(name))
+                .map(|p| p.load.clone())
+                .unwrap_or_default();
             let mut backends: Vec<Arc<Backend>> = Vec::new();
             let mut fresh = Vec::new();
             for bc in &pc.backends {
@@ -92,11 +96,14 @@ impl Snapshot {
                         Some(s) => s.clone(),
                         None => {
                             fresh.push(backends.len());
-                            Arc::new(BackendState::new(
-                                UpstreamClient::new(pc.connect_timeout),
-                                DEFAULT_RTT,
-                                pc.health_check.initially_healthy || !pc.health_check.enabled,
-                            ))
+                            Arc::new(
+                                BackendState::new(
+                                    UpstreamClient::new(pc.connect_timeout),
+                                    DEFAULT_RTT,
+                                    pc.health_check.initially_healthy || !pc.health_check.enabled,
+                                )
+                                .with_pool_load(load.clone()),
+                            )
                         }
                     };
                     backends.push(Arc::new(Backend::new(
@@ -123,7 +130,10 @@ impl Snapshot {
                         .set(Duration::from_nanos(mean as u64), now);
                 }
             }
-            pools.insert(name.clone(), Arc::new(Pool::new(pc.clone(), backends)));
+            pools.insert(
+                name.clone(),
+                Arc::new(Pool::new(pc.clone(), backends, load)),
+            );
         }
         let routes = config
             .routes

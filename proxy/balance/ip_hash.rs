@@ -28,6 +28,9 @@ pub struct IpHash {
     table: Box<[u16]>,
     /// `hash_balance_factor`: no backend above `factor * mean in-flight` (rounded up).
     factor: Option<f64>,
+    /// The pool's total in-flight (shared with its backends' states), so the mean costs
+    /// one load, not a scan.
+    load: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl IpHash {
@@ -36,7 +39,14 @@ impl IpHash {
         IpHash {
             table: maglev_table(keys, weights).into_boxed_slice(),
             factor,
+            load: Default::default(),
         }
+    }
+
+    /// Uses `load` as the pool's total in-flight count (for bounded load).
+    pub fn with_load(mut self, load: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.load = load;
+        self
     }
 
     pub fn table(&self) -> &[u16] {
@@ -112,30 +122,37 @@ impl Selector for IpHash {
         if m == 0 || backends.is_empty() {
             return None;
         }
+        // Bounded load (Mirrokni et al.): cap = ceil(c * (total + 1) / backends). The mean is
+        // over every backend, so with some down the cap is stricter, never looser.
         let cap = self.factor.map(|c| {
-            // Bounded load (Mirrokni et al.): cap = ceil(c * (total + 1) / eligible).
-            let (mut total, mut eligible) = (0u64, 0u64);
-            for (i, b) in backends.iter().enumerate() {
-                if (ctx.eligible)(i) {
-                    total += b.state.in_flight.load(Ordering::Relaxed);
-                    eligible += 1;
-                }
-            }
-            (c * (total + 1) as f64 / eligible.max(1) as f64).ceil() as u64
+            let total = self.load.load(Ordering::Relaxed);
+            (c * (total + 1) as f64 / backends.len() as f64).ceil() as u64
         });
         let start = (hash_ip(ctx.client) % m as u64) as usize;
-        for k in 0..m {
+        let Some(cap) = cap else {
+            // Plain consistent hashing: the first eligible backend from the client's slot.
+            return (0..m)
+                .map(|k| self.table[(start + k) % m] as usize)
+                .find(|&i| i < backends.len() && (ctx.eligible)(i));
+        };
+        // Walk on past backends at the cap; if every eligible one is (the counts moved under
+        // us), the first eligible one seen takes the request rather than nobody.
+        let mut first = None;
+        let walk = m.min(8 * backends.len() + 64);
+        for k in 0..walk {
             let i = self.table[(start + k) % m] as usize;
             if i >= backends.len() || !(ctx.eligible)(i) {
                 continue;
             }
-            match cap {
-                Some(cap) if backends[i].state.in_flight.load(Ordering::Relaxed) + 1 > cap => {
-                    continue
-                }
-                _ => return Some(i),
+            if backends[i].state.in_flight.load(Ordering::Relaxed) < cap {
+                return Some(i);
             }
+            first.get_or_insert(i);
         }
-        None
+        first.or_else(|| {
+            (0..m)
+                .map(|k| self.table[(start + k) % m] as usize)
+                .find(|&i| i < backends.len() && (ctx.eligible)(i))
+        })
     }
 }

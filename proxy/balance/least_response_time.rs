@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::ewma::now_ns;
-use super::least_connections::{exact_min, two_choices};
+use super::least_connections::two_choices;
 use super::random::SplitMix;
 use super::{PickCtx, Selector};
 use crate::pool::Backend;
@@ -47,16 +47,25 @@ pub fn score(b: &Backend, now: u64) -> f64 {
 impl Selector for LeastResponseTime {
     fn pick(&self, backends: &[Arc<Backend>], ctx: &PickCtx<'_>) -> Option<usize> {
         let now = (self.clock)();
-        let less = |a: &Backend, b: &Backend| score(a, now) < score(b, now);
-        match backends.len() {
-            0 => None,
-            n if n <= EXACT_MAX => exact_min(
-                backends,
-                ctx,
-                self.next.fetch_add(1, Ordering::Relaxed),
-                less,
-            ),
-            _ => two_choices(backends, ctx, &self.rng, less),
+        let n = backends.len();
+        if n > EXACT_MAX {
+            let less = |a: &Backend, b: &Backend| score(a, now) < score(b, now);
+            return two_choices(backends, ctx, &self.rng, less);
         }
+        // Exact: each score computed once (it costs an `exp`), from a rotating start so
+        // equal scores share the traffic.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, f64)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if !(ctx.eligible)(i) {
+                continue;
+            }
+            let s = score(&backends[i], now);
+            if best.is_none_or(|(_, b)| s < b) {
+                best = Some((i, s));
+            }
+        }
+        best.map(|(i, _)| i)
     }
 }

@@ -60,10 +60,18 @@ pub fn build(config: &PoolConfig, backends: &[Arc<Backend>]) -> Box<dyn Selector
         Algorithm::WeightedRoundRobin => Box::new(WeightedRoundRobin::new(&weights())),
         Algorithm::LeastConnections => Box::new(LeastConnections::new(seed)),
         Algorithm::LeastResponseTime => Box::new(LeastResponseTime::new(seed)),
-        Algorithm::IpHash => Box::new(IpHash::new(
-            &backends.iter().map(|b| b.id.0).collect::<Vec<_>>(),
-            &weights(),
-            config.hash_balance_factor,
-        )),
+        Algorithm::IpHash => Box::new(
+            IpHash::new(
+                &backends.iter().map(|b| b.id.0).collect::<Vec<_>>(),
+                &weights(),
+                config.hash_balance_factor,
+            )
+            .with_load(
+                backends
+                    .first()
+                    .map(|b| b.state.pool_load.clone())
+                    .unwrap_or_default(),
+            ),
+        ),
     }
 }

@@ -289,11 +289,14 @@ fn ip_hash_moves_an_unhealthy_backends_clients_and_brings_them_back() {
 #[test]
 fn ip_hash_bounded_load_caps_a_hot_backend() {
     let b = backends(&[1; 4]);
-    let s = ip_hash(&b, Some(1.25));
+    let load = Arc::new(AtomicU64::new(0));
+    let s = ip_hash(&b, Some(1.25)).with_load(load.clone());
     let hot = client(1);
     let home = pick_with(&s, &b, hot, &[]).unwrap();
-    // The hot client's backend is far above the mean: its requests overflow to the next.
+    // The hot client's backend holds all 10 requests of the pool, far above the mean
+    // (cap = ceil(1.25 * 11 / 4) = 4): its requests overflow to the next.
     b[home].state.in_flight.store(10, Ordering::Relaxed);
+    load.store(10, Ordering::Relaxed);
     let overflow = pick_with(&s, &b, hot, &[]).unwrap();
     assert_ne!(overflow, home);
     // Without the factor it stays home.
