@@ -55,14 +55,17 @@ fn pool(
             let addr: SocketAddr = format!("10.{}.{}.1:8080", i / 250, i % 250)
                 .parse()
                 .unwrap();
-            let state = Arc::new(BackendState::new(
-                UpstreamClient::new(Duration::from_secs(1)),
-                Duration::from_millis(1 + (i % 7) as u64),
-                true,
-            ));
-            state
-                .in_flight
-                .store((i * 7 % 13) as u64, Ordering::Relaxed);
+            let state = Arc::new(
+                BackendState::new(
+                    UpstreamClient::new(Duration::from_secs(1)),
+                    Duration::from_millis(1 + (i % 7) as u64),
+                    true,
+                )
+                .with_pool_load(load.clone()),
+            );
+            let in_flight = (i * 7 % 13) as u64;
+            state.in_flight.store(in_flight, Ordering::Relaxed);
+            load.fetch_add(in_flight, Ordering::Relaxed);
             Arc::new(Backend::new(
                 "bench",
                 addr,
