@@ -56,7 +56,9 @@ pub async fn spawn_backends() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(name: &'static str, socket: TcpListener) {
+/// Serves `hello from NAME` on `socket` forever (the demo backends, and `fulcrum backend`
+/// for load tests).
+pub async fn serve(name: &'static str, socket: TcpListener) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
         let Ok((stream, _)) = socket.accept().await else {

@@ -30,6 +30,15 @@ enum Command {
     /// Run the embedded demo: three backends on loopback, the proxy on 127.0.0.1:8080,
     /// the admin API on 127.0.0.1:9090.
     Demo,
+    /// A tiny HTTP backend answering `hello from NAME` (for load tests and experiments).
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: std::net::SocketAddr,
+        /// Name it answers with.
+        #[arg(long, default_value = "backend")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,6 +72,31 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Backend { listen, name } => {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("fulcrum backend: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(async move {
+                match tokio::net::TcpListener::bind(listen).await {
+                    Ok(socket) => {
+                        let name: &'static str = Box::leak(name.into_boxed_str());
+                        fulcrum::demo::serve(name, socket).await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("fulcrum backend: cannot bind {listen}: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
         }
         Command::Demo => match Config::parse(fulcrum::demo::DEMO_CONFIG, "<demo>") {
             Ok(config) => run(config, None, true),
