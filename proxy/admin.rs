@@ -15,8 +15,13 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::balance::ewma::now_ns;
 use crate::body::Body;
+use crate::pool::{Backend, Pool};
+use crate::reload::{Change, ChangeError};
 use crate::server::Shared;
+use fulcrum_config::BackendConfig;
+use http_body_util::BodyExt;
 
 pub async fn run(socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -47,17 +52,19 @@ pub async fn run(socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["live"]) => text(StatusCode::OK, "live\n"),
+        (Method::GET, ["ready"]) => {
             if shared.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
-        (&Method::GET, "/status") => json(StatusCode::OK, &status(shared)),
-        (&Method::POST, "/reload") => match shared.reload().await {
+        (Method::GET, ["status"]) => json(StatusCode::OK, &status(shared)),
+        (Method::POST, ["reload"]) => match shared.reload().await {
             Ok(generation) => json(
                 StatusCode::OK,
                 &serde_json::json!({ "result": "applied", "generation": generation }),
@@ -67,11 +74,145 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 &serde_json::json!({ "result": "rejected", "errors": errors }),
             ),
         },
+        (Method::GET, ["pools", pool, "backends"]) => {
+            let snap = shared.snapshot.load();
+            match snap.pools.get(*pool) {
+                Some(p) => json(StatusCode::OK, &backends_json(shared, p)),
+                None => json_error(StatusCode::NOT_FOUND, format!("no pool named {pool:?}")),
+            }
+        }
+        (Method::PUT, ["pools", pool, "backends"]) => {
+            let pool = pool.to_string();
+            match read_json::<Vec<ApiBackend>>(req).await.and_then(|list| {
+                list.into_iter()
+                    .map(ApiBackend::parse)
+                    .collect::<Result<Vec<_>, _>>()
+            }) {
+                Ok(backends) => change(shared, Change::SetBackends { pool, backends }).await,
+                Err(e) => json_error(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (Method::POST, ["pools", pool, "backends"]) => {
+            let pool = pool.to_string();
+            match read_json::<ApiBackend>(req)
+                .await
+                .and_then(ApiBackend::parse)
+            {
+                Ok(backend) => change(shared, Change::AddBackend { pool, backend }).await,
+                Err(e) => json_error(StatusCode::BAD_REQUEST, e),
+            }
+        }
+        (Method::DELETE, ["pools", pool, "backends", address]) => {
+            let change_ = Change::RemoveBackend {
+                pool: pool.to_string(),
+                address: percent_decode(address),
+            };
+            change(shared, change_).await
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-/// The status document: every pool with its algorithm and backends.
+/// A backend as the pool API takes it: `{"address": "10.0.0.1:8080", "weight": 1}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiBackend {
+    address: String,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ApiBackend {
+    fn parse(self) -> Result<BackendConfig, String> {
+        if !(1..=65_535).contains(&self.weight) {
+            return Err(format!(
+                "{:?}: weight must be between 1 and 65535",
+                self.address
+            ));
+        }
+        BackendConfig::parse(&self.address, self.weight)
+    }
+}
+
+const MAX_ADMIN_BODY: usize = 1024 * 1024;
+
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, String> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY);
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| format!("cannot read the body: {e}"))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+async fn change(shared: &Arc<Shared>, change: Change) -> Response<Body> {
+    match shared.apply(change, "pool api").await {
+        Ok(a) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": "applied", "generation": a.generation, "summary": a.summary }),
+        ),
+        Err(ChangeError::NotFound(m)) => json_error(StatusCode::NOT_FOUND, m),
+        Err(e) => json_error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn backend_json(b: &Backend, draining: bool) -> serde_json::Value {
+    let s = &b.state;
+    serde_json::json!({
+        "id": b.id.to_string(),
+        "address": b.addr.to_string(),
+        "spec": b.spec,
+        "weight": b.configured_weight,
+        "effective_weight": b.weight,
+        "healthy": s.health.is_healthy(),
+        "breaker": s.breaker.state().name(),
+        "draining": draining || s.draining.load(Ordering::Relaxed),
+        "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "requests": s.requests.load(Ordering::Relaxed),
+        "failures": s.failures.load(Ordering::Relaxed),
+        "latency_ewma_ms": s.latency.cost(now_ns()) / 1e6,
+    })
+}
+
+/// A pool's backends, then the ones of it still draining.
+fn backends_json(shared: &Shared, pool: &Pool) -> serde_json::Value {
+    let mut list: Vec<serde_json::Value> = pool
+        .backends
+        .iter()
+        .map(|b| backend_json(b, false))
+        .collect();
+    for d in shared.drains_lock().iter().filter(|d| d.pool == pool.name) {
+        list.push(backend_json(&d.backend, true));
+    }
+    serde_json::Value::Array(list)
+}
+
+/// The status document: every pool with its algorithm and backends (draining ones too),
+/// the listeners, and the latest config changes.
 pub fn status(shared: &Shared) -> serde_json::Value {
     let snap = shared.snapshot.load();
     let mut names: Vec<&String> = snap.pools.keys().collect();
@@ -80,36 +221,31 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         .into_iter()
         .map(|name| {
             let pool = &snap.pools[name];
-            let backends: Vec<_> = pool
-                .backends
-                .iter()
-                .map(|b| {
-                    let s = &b.state;
-                    serde_json::json!({
-                        "id": b.id.to_string(),
-                        "address": b.addr.to_string(),
-                        "spec": b.spec,
-                        "weight": b.weight,
-                        "healthy": s.health.is_healthy(),
-                        "breaker": s.breaker.state().name(),
-                        "draining": s.draining.load(Ordering::Relaxed),
-                        "in_flight": s.in_flight.load(Ordering::Relaxed),
-                        "requests": s.requests.load(Ordering::Relaxed),
-                        "failures": s.failures.load(Ordering::Relaxed),
-                    })
-                })
-                .collect();
             serde_json::json!({
                 "name": name,
                 "algorithm": pool.algorithm.name(),
-                "backends": backends,
+                "panic": pool.in_panic(),
+                "backends": backends_json(shared, pool),
             })
         })
         .collect();
+    let listeners: Vec<_> = shared
+        .listener_addrs()
+        .into_iter()
+        .map(|(name, addr)| serde_json::json!({ "name": name, "address": addr.to_string() }))
+        .collect();
+    let history: Vec<_> = shared
+        .history
+        .lock()
+        .map(|h| h.iter().cloned().collect())
+        .unwrap_or_default();
     serde_json::json!({
         "generation": snap.generation,
         "draining": shared.draining.load(Ordering::Relaxed),
         "pools": pools,
+        "listeners": listeners,
+        "changes": { "applied": shared.changes_applied.load(Ordering::Relaxed), "rejected": shared.changes_rejected.load(Ordering::Relaxed) },
+        "history": history,
     })
 }
 
@@ -131,4 +267,8 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
+    json(status, &serde_json::json!({ "error": message.into() }))
 }

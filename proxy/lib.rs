@@ -15,6 +15,7 @@ pub mod headers;
 pub mod health;
 pub mod listener;
 pub mod pool;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod service;
@@ -22,4 +23,4 @@ pub mod snapshot;
 pub mod upstream;
 
 pub use fulcrum_config as config;
-pub use server::{start, Running, Shared};
+pub use server::{start, start_with, Running, Shared};

@@ -77,6 +77,8 @@ pub struct BackendState {
     /// In-flight requests of the whole pool (shared by its backends), for bounded-load
     /// hashing without a scan.
     pub pool_load: Arc<AtomicU64>,
+    /// When this backend first joined its pool (slow start ramps from here).
+    pub joined: std::time::Instant,
     /// Peak-EWMA latency, for least_response_time and status.
     pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
@@ -88,6 +90,7 @@ impl BackendState {
     pub fn new(client: UpstreamClient, initial_rtt: Duration, healthy: bool) -> BackendState {
         BackendState {
             latency: PeakEwma::new(initial_rtt, now_ns()),
+            joined: std::time::Instant::now(),
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -127,6 +130,7 @@ impl Backend {
             addr,
             spec,
             weight,
+            configured_weight: weight,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .expect("a socket address is a valid authority"),
             state,
@@ -141,7 +145,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// As written in the config (`api.internal:8080`); equals `addr` for IP literals.
     pub spec: String,
+    /// The weight balancing uses now (below `configured_weight` during slow start).
     pub weight: u32,
+    pub configured_weight: u32,
     /// `http://addr`, prebuilt so a request only swaps in its path.
     pub authority: http::uri::Authority,
     pub state: Arc<BackendState>,

@@ -1,25 +1,54 @@
-//! The running server: binds listeners and the admin plane, holds the shared state
-//! (the `ArcSwap<Snapshot>`), applies reloads, and shuts down gracefully.
+//! The running server: the shared state (the `ArcSwap<Snapshot>` and what the reload path
+//! owns), listeners and the admin plane, health-check tasks, and graceful shutdown.
+//! Changes to the running config all go through `reload::apply` (see `reload.rs`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use fulcrum_config::{Config, HealthCheckConfig, HealthCheckKind};
+use fulcrum_config::{Config, HealthCheckConfig, HealthCheckKind, ListenerConfig};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::health;
 use crate::listener::{self, Listener};
 use crate::pool::{Backend, BackendId};
-use crate::snapshot::{self, Snapshot};
+use crate::reload::{self, Control};
+use crate::snapshot::{self, Resolver, Snapshot, SystemResolver};
+
+/// A backend taken out of its pool, finishing its in-flight requests.
+pub struct Drain {
+    pub pool: Arc<str>,
+    pub backend: Arc<Backend>,
+    pub since: std::time::Instant,
+}
+
+/// One listening socket and its accept loop.
+pub struct ListenerHandle {
+    pub config: ListenerConfig,
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// One applied or rejected change, for `/status` and the dashboard.
+#[derive(Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub source: String,
+    pub ok: bool,
+    pub summary: String,
+}
 
 /// State shared by every listener task, the admin plane and the reload path.
 pub struct Shared {
@@ -28,50 +57,67 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// The file reloads read; `None` for the embedded demo config.
     pub config_path: Option<PathBuf>,
-    /// One reload at a time.
-    reload_lock: Mutex<()>,
+    pub resolver: Arc<dyn Resolver>,
+    /// What only the reload path touches; its lock makes changes one at a time.
+    pub(crate) control: tokio::sync::Mutex<Control>,
     /// The active health check task of every checked backend, with the config it runs.
-    checks: std::sync::Mutex<HashMap<BackendId, (JoinHandle<()>, HealthCheckConfig)>>,
+    checks: Mutex<HashMap<BackendId, (JoinHandle<()>, HealthCheckConfig)>>,
+    /// Backends being drained (shown by `/status`).
+    pub drains: Mutex<Vec<Drain>>,
+    pub(crate) listeners: Mutex<Vec<ListenerHandle>>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: Mutex<Option<Arc<GracefulShutdown>>>,
+    pub changes_applied: AtomicU64,
+    pub changes_rejected: AtomicU64,
+    pub history: Mutex<VecDeque<HistoryEntry>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
-    /// Re-reads the config file and swaps in a new snapshot that keeps the state of every
-    /// backend that stays. A config that fails validation is rejected; the running one stays.
+    /// Re-reads the config file (SIGHUP, `POST /reload`): the new generation, or every error.
     pub async fn reload(self: &Arc<Self>) -> Result<u64, Vec<String>> {
-        let _one = self.reload_lock.lock().await;
-        let Some(path) = &self.config_path else {
-            return Err(vec![
-                "no config file to reload (running the embedded demo)".into()
-            ]);
-        };
-        let config = match Config::load(path) {
-            Ok(c) => c,
-            Err(errors) => {
-                let errors: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
-                for e in &errors {
-                    tracing::error!(error = %e, "reload rejected");
-                }
-                return Err(errors);
-            }
-        };
-        let previous = self.snapshot.load_full();
-        if config.listeners != previous.config.listeners || config.admin != previous.config.admin {
-            tracing::warn!("listener and admin changes take effect at the next restart");
+        self.apply(reload::Change::ReloadFile, "reload")
+            .await
+            .map(|a| a.generation)
+            .map_err(|e| e.messages())
+    }
+
+    pub fn drains_lock(&self) -> std::sync::MutexGuard<'_, Vec<Drain>> {
+        lock(&self.drains)
+    }
+
+    /// `(name, bound address)` of every listener.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.listeners)
+            .iter()
+            .map(|l| (l.config.name.clone(), l.addr))
+            .collect()
+    }
+
+    pub(crate) fn record_history(&self, source: &str, ok: bool, summary: String) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut h = lock(&self.history);
+        if h.len() == 50 {
+            h.pop_front();
         }
-        let resolved = snapshot::resolve(&config).await;
-        let next = Snapshot::build(Arc::new(config), &resolved, Some(&previous));
-        let generation = next.generation;
-        self.snapshot.store(Arc::new(next));
-        self.sync_health_checks();
-        tracing::info!(generation, "config reloaded");
-        Ok(generation)
+        h.push_back(HistoryEntry {
+            at,
+            source: source.to_string(),
+            ok,
+            summary,
+        });
     }
 
     /// Starts the health checks of backends that joined (or whose check config changed) and
     /// stops those of backends that left, after a snapshot swap.
     pub fn sync_health_checks(self: &Arc<Self>) {
         let snap = self.snapshot.load();
-        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checks = lock(&self.checks);
         let mut keep = HashSet::new();
         for pool in snap.pools.values() {
             // Health may have changed between the build and the swap: count again.
@@ -102,10 +148,100 @@ impl Shared {
     }
 
     fn stop_health_checks(&self) {
-        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, (task, _)) in checks.drain() {
+        for (_, (task, _)) in lock(&self.checks).drain() {
             task.abort();
         }
+    }
+
+    /// Binds the sockets of listeners that are new or moved in `config`, before anything is
+    /// swapped: a listener that cannot bind rejects the whole change.
+    pub(crate) async fn bind_new_listeners(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(ListenerConfig, TcpListener)>, Vec<String>> {
+        let running: Vec<(String, SocketAddr)> = lock(&self.listeners)
+            .iter()
+            .map(|h| (h.config.name.clone(), h.config.listen))
+            .collect();
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for l in &config.listeners {
+            if running.contains(&(l.name.clone(), l.listen)) {
+                continue;
+            }
+            match TcpListener::bind(l.listen).await {
+                Ok(s) => out.push((l.clone(), s)),
+                Err(e) => errors.push(format!(
+                    "listener {:?}: cannot bind {}: {e}",
+                    l.name, l.listen
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(out)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Starts the listeners bound by `bind_new_listeners`, then stops those `config` no
+    /// longer has (new sockets accept before old ones close; kept ones are untouched).
+    pub(crate) async fn commit_listeners(
+        self: &Arc<Self>,
+        config: &Config,
+        new: Vec<(ListenerConfig, TcpListener)>,
+    ) -> (usize, usize) {
+        let added = new.len();
+        for (cfg, socket) in new {
+            if let Err(e) = self.spawn_listener(cfg, socket) {
+                tracing::error!(error = %e, "listener failed to start");
+            }
+        }
+        let wanted: HashSet<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.listen))
+            .collect();
+        let stopped: Vec<ListenerHandle> = {
+            let mut all = lock(&self.listeners);
+            let (keep, stop): (Vec<_>, Vec<_>) = all
+                .drain(..)
+                .partition(|h| wanted.contains(&(h.config.name.clone(), h.config.listen)));
+            *all = keep;
+            stop
+        };
+        let removed = stopped.len();
+        for h in stopped {
+            let _ = h.stop.send(true);
+            let _ = h.task.await;
+            tracing::info!(listener = %h.config.name, addr = %h.addr, "listener closed");
+        }
+        (added, removed)
+    }
+
+    fn spawn_listener(
+        self: &Arc<Self>,
+        config: ListenerConfig,
+        socket: TcpListener,
+    ) -> std::io::Result<()> {
+        let addr = socket.local_addr()?;
+        let graceful = lock(&self.graceful)
+            .clone()
+            .ok_or_else(|| std::io::Error::other("shutting down"))?;
+        let (stop, stop_rx) = watch::channel(false);
+        let l = Listener {
+            name: Arc::from(config.name.as_str()),
+            socket,
+        };
+        tracing::info!(listener = %config.name, %addr, "listening");
+        let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
+        lock(&self.listeners).push(ListenerHandle {
+            config,
+            addr,
+            stop,
+            task,
+        });
+        Ok(())
     }
 }
 
@@ -152,103 +288,120 @@ fn spawn_check(
 /// A started server. Dropping it does not stop it; call [`Running::shutdown`].
 pub struct Running {
     pub shared: Arc<Shared>,
-    /// `(name, bound address)` of every listener, in config order.
+    /// `(name, bound address)` of every listener at start, in config order.
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin: SocketAddr,
-    stop_accepting: watch::Sender<bool>,
     stop_admin: watch::Sender<bool>,
-    graceful: Arc<GracefulShutdown>,
-    tasks: Vec<JoinHandle<()>>,
-    drain_timeout: Duration,
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Binds every listener and the admin plane and starts serving `config`.
 pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Running> {
-    let resolved = snapshot::resolve(&config).await;
-    let drain_timeout = config.server.drain_timeout;
-    let builder = listener::http_builder(&config.server);
+    start_with(config, config_path, Arc::new(SystemResolver)).await
+}
+
+/// [`start`] with another resolver for backend host names.
+pub async fn start_with(
+    config: Config,
+    config_path: Option<PathBuf>,
+    resolver: Arc<dyn Resolver>,
+) -> anyhow::Result<Running> {
+    let resolved = snapshot::resolve(&config, &*resolver, &Default::default(), true).await;
     let mut sockets = Vec::new();
     for l in &config.listeners {
         let socket = TcpListener::bind(l.listen)
             .await
             .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.listen))?;
-        sockets.push((l.name.clone(), socket));
+        sockets.push((l.clone(), socket));
     }
     let admin_socket = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin: cannot bind {}", config.admin.listen))?;
     let admin = admin_socket.local_addr()?;
 
-    let snapshot = Snapshot::build(Arc::new(config), &resolved, None);
+    let builder = listener::http_builder(&config.server);
+    let watch_config = config.server.watch_config;
+    let control = Control {
+        file: config.clone(),
+        resolved: resolved.clone(),
+    };
+    let snapshot = Snapshot::build(Arc::new(config), &resolved, None, &[]);
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         draining: AtomicBool::new(false),
-        config_path,
-        reload_lock: Mutex::new(()),
-        checks: std::sync::Mutex::new(HashMap::new()),
+        config_path: config_path.clone(),
+        resolver,
+        control: tokio::sync::Mutex::new(control),
+        checks: Mutex::new(HashMap::new()),
+        drains: Mutex::new(Vec::new()),
+        listeners: Mutex::new(Vec::new()),
+        builder,
+        graceful: Mutex::new(Some(Arc::new(GracefulShutdown::new()))),
+        changes_applied: AtomicU64::new(0),
+        changes_rejected: AtomicU64::new(0),
+        history: Mutex::new(VecDeque::new()),
     });
     shared.sync_health_checks();
-
-    let (stop_accepting, accepting_rx) = watch::channel(false);
-    let (stop_admin, admin_rx) = watch::channel(false);
-    let graceful = Arc::new(GracefulShutdown::new());
-    let mut tasks = Vec::new();
-    let mut listeners = Vec::new();
-    for (name, socket) in sockets {
-        let addr = socket.local_addr()?;
-        tracing::info!(listener = %name, %addr, "listening");
-        listeners.push((name.clone(), addr));
-        let l = Listener {
-            name: Arc::from(name.as_str()),
-            socket,
-        };
-        tasks.push(tokio::spawn(l.run(
-            shared.clone(),
-            builder.clone(),
-            graceful.clone(),
-            accepting_rx.clone(),
-        )));
+    for (cfg, socket) in sockets {
+        shared.spawn_listener(cfg, socket)?;
     }
+    let (stop_admin, admin_rx) = watch::channel(false);
     tracing::info!(%admin, "admin listening");
-    tokio::spawn(crate::admin::run(admin_socket, shared.clone(), admin_rx));
-
+    let mut background = vec![tokio::spawn(crate::admin::run(
+        admin_socket,
+        shared.clone(),
+        admin_rx,
+    ))];
+    background.push(reload::spawn_resolve_loop(&shared));
+    if let (true, Some(path)) = (watch_config, &config_path) {
+        match reload::spawn_file_watch(&shared, path.clone()) {
+            Ok(task) => background.push(task),
+            Err(e) => {
+                tracing::error!(error = %e, path = %path.display(), "cannot watch the config file")
+            }
+        }
+    }
     Ok(Running {
+        listeners: shared.listener_addrs(),
         shared,
-        listeners,
         admin,
-        stop_accepting,
         stop_admin,
-        graceful,
-        tasks,
-        drain_timeout,
+        background,
     })
 }
 
 impl Running {
-    /// The bound address of the listener called `name`.
+    /// The bound address of the listener called `name` (as it is now, after reloads).
     pub fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners
-            .iter()
+        self.shared
+            .listener_addrs()
+            .into_iter()
             .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+            .map(|(_, a)| a)
             .unwrap_or_else(|| panic!("no listener named {name:?}"))
     }
 
     /// Graceful shutdown: `/ready` turns 503, listeners stop accepting, in-flight requests
     /// finish (up to `drain_timeout`). Returns whether everything finished in time.
     pub async fn shutdown(self) -> bool {
-        self.shared.draining.store(true, Ordering::SeqCst);
-        tracing::info!(drain_timeout = ?self.drain_timeout, "shutting down: draining connections");
-        let _ = self.stop_accepting.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let shared = &self.shared;
+        shared.draining.store(true, Ordering::SeqCst);
+        let drain_timeout: Duration = shared.snapshot.load().config.server.drain_timeout;
+        tracing::info!(?drain_timeout, "shutting down: draining connections");
+        let handles: Vec<ListenerHandle> = lock(&shared.listeners).drain(..).collect();
+        for h in &handles {
+            let _ = h.stop.send(true);
+        }
+        for h in handles {
+            let _ = h.task.await;
         }
         // Every accept loop has ended and dropped its handle, so this is the last one.
-        let clean = match Arc::try_unwrap(self.graceful) {
-            Ok(graceful) => tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+        let graceful = lock(&shared.graceful).take();
+        let clean = match graceful.map(Arc::try_unwrap) {
+            Some(Ok(graceful)) => tokio::time::timeout(drain_timeout, graceful.shutdown())
                 .await
                 .is_ok(),
-            Err(_) => false,
+            _ => false,
         };
         if clean {
             tracing::info!("all connections drained");
@@ -256,7 +409,10 @@ impl Running {
             tracing::warn!("drain timeout reached: closing the remaining connections");
         }
         let _ = self.stop_admin.send(true);
-        self.shared.stop_health_checks();
+        for t in self.background {
+            t.abort();
+        }
+        shared.stop_health_checks();
         clean
     }
 }

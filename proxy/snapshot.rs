@@ -3,11 +3,13 @@
 //! `BackendState` (counters, health, connections) from the previous snapshot.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fulcrum_config::{BackendConfig, Config};
+use fulcrum_config::Config;
 
 use crate::balance::ewma::{now_ns, DEFAULT_RTT};
 use crate::pool::{Backend, BackendId, BackendState, Pool};
@@ -24,9 +26,47 @@ pub struct Snapshot {
 /// Addresses of every backend host name, as the resolver last saw them.
 pub type Resolved = HashMap<(String, u16), Vec<SocketAddr>>;
 
-/// Resolves every backend host of `config` (IP literals need no lookup). A name that does
-/// not resolve yields no backend for now; the error is logged and the pool keeps its others.
-pub async fn resolve(config: &Config) -> Resolved {
+/// Where backend host names are looked up: the system resolver in production; tests plug in
+/// their own to change a name's addresses at will (DNS-driven membership without DNS).
+pub trait Resolver: Send + Sync + 'static {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+}
+
+/// `getaddrinfo` through tokio.
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// Does any backend of `config` have a host name (not an IP literal)?
+pub fn has_names(config: &Config) -> bool {
+    config
+        .pools
+        .values()
+        .flat_map(|p| &p.backends)
+        .any(|b| b.host.parse::<std::net::IpAddr>().is_err())
+}
+
+/// Resolves the backend hosts of `config`: every name again when `refresh`, else only those
+/// not in `known` (IP literals need no lookup). A name that fails to resolve keeps its last
+/// known addresses (or none), and the error is logged: one bad lookup does not empty a pool.
+pub async fn resolve(
+    config: &Config,
+    resolver: &dyn Resolver,
+    known: &Resolved,
+    refresh: bool,
+) -> Resolved {
     let mut out = Resolved::new();
     for pool in config.pools.values() {
         for b in &pool.backends {
@@ -34,39 +74,44 @@ pub async fn resolve(config: &Config) -> Resolved {
             if out.contains_key(&key) {
                 continue;
             }
-            let addrs = resolve_one(b).await;
+            let addrs = if let Ok(ip) = b.host.parse::<std::net::IpAddr>() {
+                vec![SocketAddr::new(ip, b.port)]
+            } else if let (false, Some(k)) = (refresh, known.get(&key)) {
+                k.clone()
+            } else {
+                match resolver.lookup(&b.host, b.port).await {
+                    Ok(mut v) => {
+                        v.sort();
+                        v.dedup();
+                        v
+                    }
+                    Err(e) => {
+                        tracing::warn!(backend = %b.address, error = %e, "backend host name does not resolve");
+                        known.get(&key).cloned().unwrap_or_default()
+                    }
+                }
+            };
             out.insert(key, addrs);
         }
     }
     out
 }
 
-async fn resolve_one(b: &BackendConfig) -> Vec<SocketAddr> {
-    if let Ok(ip) = b.host.parse::<std::net::IpAddr>() {
-        return vec![SocketAddr::new(ip, b.port)];
-    }
-    match tokio::net::lookup_host((b.host.as_str(), b.port)).await {
-        Ok(addrs) => {
-            let mut v: Vec<_> = addrs.collect();
-            v.sort();
-            v.dedup();
-            v
-        }
-        Err(e) => {
-            tracing::warn!(backend = %b.address, error = %e, "backend host name does not resolve");
-            Vec::new()
-        }
-    }
-}
-
 impl Snapshot {
-    /// Builds the snapshot for `config`, reusing the live state of `previous`'s backends.
+    /// Builds the snapshot for `config`, reusing the live state of `previous`'s backends and
+    /// of backends still draining (`revive`: a backend put back before its drain ended keeps
+    /// its state and stops draining).
     pub fn build(
         config: Arc<Config>,
         resolved: &Resolved,
         previous: Option<&Snapshot>,
+        revive: &[Arc<Backend>],
     ) -> Snapshot {
+        let now_instant = Instant::now();
         let mut states: HashMap<BackendId, Arc<BackendState>> = HashMap::new();
+        for b in revive {
+            states.insert(b.id, b.state.clone());
+        }
         if let Some(prev) = previous {
             for pool in prev.pools.values() {
                 for b in &pool.backends {
@@ -93,7 +138,11 @@ impl Snapshot {
                         continue;
                     }
                     let state = match states.get(&id) {
-                        Some(s) => s.clone(),
+                        Some(s) => {
+                            s.draining
+                                .store(false, std::sync::atomic::Ordering::Relaxed);
+                            s.clone()
+                        }
                         None => {
                             fresh.push(backends.len());
                             Arc::new(
@@ -106,13 +155,21 @@ impl Snapshot {
                             )
                         }
                     };
-                    backends.push(Arc::new(Backend::new(
-                        name,
-                        addr,
-                        bc.address.clone(),
-                        bc.weight,
-                        state,
-                    )));
+                    // Slow start: a backend that joined a running pool ramps its weight up from
+                    // 10% over `slow_start` (the reload path rebuilds as the ramp advances).
+                    let weight = match (pc.slow_start, previous) {
+                        (Some(ramp), Some(_)) if !ramp.is_zero() => {
+                            let f = now_instant
+                                .saturating_duration_since(state.joined)
+                                .as_secs_f64()
+                                / ramp.as_secs_f64();
+                            ((bc.weight as f64 * f.clamp(0.1, 1.0)).ceil() as u32).max(1)
+                        }
+                        _ => bc.weight,
+                    };
+                    let mut backend = Backend::new(name, addr, bc.address.clone(), weight, state);
+                    backend.configured_weight = bc.weight;
+                    backends.push(Arc::new(backend));
                 }
             }
             // A new backend starts at its peers' mean latency, not at zero: no stampede onto it.
@@ -166,7 +223,7 @@ mod tests {
                 );
             }
         }
-        Snapshot::build(config, &resolved, None)
+        Snapshot::build(config, &resolved, None, &[])
     }
 
     const ROUTES: &str = r#"
@@ -290,7 +347,7 @@ backends = [{ address = "127.0.0.1:6" }]
                 );
             }
         }
-        let b = Snapshot::build(config, &resolved, Some(&a));
+        let b = Snapshot::build(config, &resolved, Some(&a), &[]);
         assert!(Arc::ptr_eq(&before, &b.pools["api"].backends[0].state));
         assert_eq!(b.generation, a.generation + 1);
     }
