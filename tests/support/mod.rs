@@ -392,3 +392,37 @@ pub async fn load(url: &str, concurrency: usize, total: usize) -> Vec<String> {
     }
     all
 }
+
+/// An admin API call: `(status, body)`.
+pub async fn call(method: &str, url: &str, body: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(full(body.to_string()))
+        .unwrap();
+    let resp = client().request(req).await.expect("admin call failed");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Starts fulcrum from a config file (so reloads re-read it).
+pub async fn proxy_from_file(path: &std::path::Path) -> TestProxy {
+    let config = fulcrum::config::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let running = fulcrum::start(config, Some(path.to_path_buf())).await.expect("proxy did not start");
+    let url = format!("http://{}", running.listeners[0].1);
+    TestProxy { running, url }
+}
+
+impl TestProxy {
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.admin)
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        let (_, body) = call("GET", &self.admin("/status"), "").await;
+        serde_json::from_str(&body).unwrap()
+    }
+}
