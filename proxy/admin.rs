@@ -192,6 +192,7 @@ fn backend_json(b: &Backend, draining: bool) -> serde_json::Value {
         "breaker": s.breaker.state().name(),
         "draining": draining || s.draining.load(Ordering::Relaxed),
         "in_flight": s.in_flight.load(Ordering::Relaxed),
+        "sessions": s.sessions.load(Ordering::Relaxed),
         "requests": s.requests.load(Ordering::Relaxed),
         "failures": s.failures.load(Ordering::Relaxed),
         "latency_ewma_ms": s.latency.cost(now_ns()) / 1e6,

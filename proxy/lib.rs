@@ -20,7 +20,9 @@ pub mod route;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod sticky;
 pub mod upstream;
+pub mod websocket;
 
 pub use fulcrum_config as config;
 pub use server::{start, start_with, Running, Shared};

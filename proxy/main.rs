@@ -110,6 +110,7 @@ fn main() -> ExitCode {
 
 fn run(config: Config, path: Option<&Path>, demo: bool) -> ExitCode {
     init_logging();
+    raise_open_file_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
     if let Some(n) = config.server.worker_threads {
@@ -179,4 +180,17 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_target(false)
         .init();
+}
+
+/// Every client and backend connection is a file descriptor: raise the soft limit to the
+/// hard one, and say so when that is still low.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 65_536 => tracing::warn!(
+            limit = n,
+            "open-file limit is low; raise it (LimitNOFILE=) for many connections"
+        ),
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }

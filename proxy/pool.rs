@@ -6,7 +6,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use fulcrum_config::{Algorithm, PoolConfig};
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use fulcrum_config::{Algorithm, PoolConfig, StickyBy};
+use http::HeaderMap;
 
 use std::time::Duration;
 
@@ -14,6 +18,7 @@ use crate::balance::ewma::{now_ns, PeakEwma, FAILURE_PENALTY};
 use crate::balance::{self, PickCtx, Selector};
 use crate::breaker::{self, Breaker};
 use crate::health::{self, Health};
+use crate::sticky;
 use crate::upstream::UpstreamClient;
 
 /// A backend's identity: stable for the same pool and address, across reloads and across
@@ -74,6 +79,10 @@ pub struct BackendState {
     pub times_ejected: AtomicU64,
     pub times_recovered: AtomicU64,
     pub breaker_transitions: AtomicU64,
+    /// Open upgraded sessions (WebSocket) on this backend.
+    pub sessions: AtomicU64,
+    /// Set when this backend's drain times out: its open sessions close.
+    pub close_sessions: tokio::sync::watch::Sender<bool>,
     /// In-flight requests of the whole pool (shared by its backends), for bounded-load
     /// hashing without a scan.
     pub pool_load: Arc<AtomicU64>,
@@ -99,6 +108,8 @@ impl BackendState {
             times_ejected: AtomicU64::new(0),
             times_recovered: AtomicU64::new(0),
             breaker_transitions: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
+            close_sessions: tokio::sync::watch::channel(false).0,
             pool_load: Arc::new(AtomicU64::new(0)),
             draining: AtomicBool::new(false),
             client,
@@ -203,6 +214,26 @@ pub struct Pool {
     pub rng: balance::random::SplitMix,
     /// Requests in flight on the whole pool; carried across reloads with the pool.
     pub load: Arc<AtomicU64>,
+    /// Backend index by id, for sticky cookies.
+    pub by_id: HashMap<BackendId, usize>,
+    /// The consistent-hash table for `sticky = { header = ... }`.
+    sticky_table: Option<balance::IpHash>,
+}
+
+/// The backend chosen for a request, and whether the response must (re)issue the sticky
+/// cookie.
+pub struct Picked<'a> {
+    pub backend: &'a Arc<Backend>,
+    pub set_cookie: bool,
+}
+
+impl<'a> Picked<'a> {
+    fn plain(backend: &'a Arc<Backend>) -> Picked<'a> {
+        Picked {
+            backend,
+            set_cookie: false,
+        }
+    }
 }
 
 /// Milliseconds on the process clock, for breaker timers.
@@ -213,7 +244,21 @@ pub fn now_ms() -> u64 {
 impl Pool {
     /// `load` must be the counter every backend's state points at (`with_pool_load`).
     pub fn new(config: PoolConfig, backends: Vec<Arc<Backend>>, load: Arc<AtomicU64>) -> Pool {
+        let sticky_table = match config.sticky.as_ref().map(|s| &s.by) {
+            Some(StickyBy::Header(_)) => Some(balance::IpHash::new(
+                &backends.iter().map(|b| b.id.0).collect::<Vec<_>>(),
+                &backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+                None,
+            )),
+            _ => None,
+        };
         let pool = Pool {
+            by_id: backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.id, i))
+                .collect(),
+            sticky_table,
             load,
             name: Arc::from(config.name.as_str()),
             algorithm: config.algorithm,
@@ -255,10 +300,68 @@ impl Pool {
         healthy
     }
 
-    /// Picks a backend for one request: the selector over backends that are healthy (or
-    /// any, in panic mode), not draining, whose breaker lets a request through, and not in
-    /// `exclude` (backends a retry already tried). Takes the breaker's permit.
-    pub fn pick(&self, client: std::net::IpAddr, exclude: &[BackendId]) -> Option<&Arc<Backend>> {
+    /// Picks a backend for one request: the sticky backend when the request names one that
+    /// may take it, else the selector over backends that are healthy (or any, in panic
+    /// mode), not draining, whose breaker lets a request through, and not in `exclude`
+    /// (backends a retry already tried). Takes the breaker's permit.
+    pub fn pick(
+        &self,
+        client: IpAddr,
+        headers: &HeaderMap,
+        exclude: &[BackendId],
+    ) -> Option<Picked<'_>> {
+        let Some(sticky) = &self.config.sticky else {
+            return self
+                .choose(client, exclude, |ctx| {
+                    self.selector.pick(&self.backends, ctx)
+                })
+                .map(Picked::plain);
+        };
+        match &sticky.by {
+            StickyBy::Cookie(name) => {
+                if let Some(&i) =
+                    sticky::cookie_backend(headers, name).and_then(|id| self.by_id.get(&id))
+                {
+                    if let Some(b) =
+                        self.choose(client, exclude, |ctx| (ctx.eligible)(i).then_some(i))
+                    {
+                        return Some(Picked::plain(b));
+                    }
+                }
+                // No cookie, or its backend is gone or unavailable: balance, and (re)issue it.
+                self.choose(client, exclude, |ctx| {
+                    self.selector.pick(&self.backends, ctx)
+                })
+                .map(|backend| Picked {
+                    backend,
+                    set_cookie: true,
+                })
+            }
+            StickyBy::Header(name) => {
+                let key = headers
+                    .get(name.as_str())
+                    .map(|v| sticky::hash_value(v.as_bytes()));
+                match (key, &self.sticky_table) {
+                    (Some(key), Some(table)) => self.choose(client, exclude, |ctx| {
+                        table.pick_key(key, &self.backends, ctx)
+                    }),
+                    _ => self.choose(client, exclude, |ctx| {
+                        self.selector.pick(&self.backends, ctx)
+                    }),
+                }
+                .map(Picked::plain)
+            }
+        }
+    }
+
+    /// Runs `select` with the eligibility predicate, then takes the chosen backend's breaker
+    /// permit; a half-open breaker that ran out of permits since the check sends us on.
+    fn choose(
+        &self,
+        client: IpAddr,
+        exclude: &[BackendId],
+        select: impl Fn(&PickCtx<'_>) -> Option<usize>,
+    ) -> Option<&Arc<Backend>> {
         let backends = &self.backends;
         let panic = self.in_panic();
         let now = now_ms();
@@ -278,9 +381,7 @@ impl Pool {
                 client,
                 eligible: &eligible,
             };
-            let b = &backends[self.selector.pick(backends, &ctx)?];
-            // The permit is taken only for the backend chosen; a half-open breaker that ran
-            // out of permits since the check sends us to another.
+            let b = &backends[select(&ctx)?];
             let (allowed, t) = b.state.breaker.apply(breaker::Event::Acquire, now, cb);
             if let Some(t) = t {
                 log_breaker(&self.name, b, t);

@@ -281,6 +281,8 @@ impl Shared {
                 return; // put back in a pool meanwhile
             }
             let left = s.in_flight.load(Ordering::Relaxed);
+            // Open WebSocket sessions get a proper close now.
+            let _ = s.close_sessions.send(true);
             if left > 0 {
                 tracing::warn!(pool = %pool, backend = %backend.addr, left, "drain timeout: backend dropped with requests in flight");
             } else {

@@ -69,6 +69,10 @@ pub struct Shared {
     graceful: Mutex<Option<Arc<GracefulShutdown>>>,
     pub changes_applied: AtomicU64,
     pub changes_rejected: AtomicU64,
+    /// Open upgraded sessions (WebSocket), all backends.
+    pub sessions: Arc<AtomicU64>,
+    /// Set when shutdown's drain time is up: open sessions close.
+    pub close_sessions: watch::Sender<bool>,
     pub history: Mutex<VecDeque<HistoryEntry>>,
 }
 
@@ -339,6 +343,8 @@ pub async fn start_with(
         graceful: Mutex::new(Some(Arc::new(GracefulShutdown::new()))),
         changes_applied: AtomicU64::new(0),
         changes_rejected: AtomicU64::new(0),
+        sessions: Arc::new(AtomicU64::new(0)),
+        close_sessions: watch::channel(false).0,
         history: Mutex::new(VecDeque::new()),
     });
     shared.sync_health_checks();
@@ -396,13 +402,24 @@ impl Running {
             let _ = h.task.await;
         }
         // Every accept loop has ended and dropped its handle, so this is the last one.
+        let deadline = tokio::time::Instant::now() + drain_timeout;
         let graceful = lock(&shared.graceful).take();
-        let clean = match graceful.map(Arc::try_unwrap) {
-            Some(Ok(graceful)) => tokio::time::timeout(drain_timeout, graceful.shutdown())
+        let mut clean = match graceful.map(Arc::try_unwrap) {
+            Some(Ok(graceful)) => tokio::time::timeout_at(deadline, graceful.shutdown())
                 .await
                 .is_ok(),
             _ => false,
         };
+        // Upgraded sessions left hyper's connections: wait for them too, then close them.
+        while shared.sessions.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if shared.sessions.load(Ordering::Relaxed) > 0 {
+            clean = false;
+            let _ = shared.close_sessions.send(true);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if clean {
             tracing::info!("all connections drained");
         } else {

@@ -16,6 +16,8 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::{BackendId, InFlight, Pool};
 use crate::server::Shared;
+use crate::sticky;
+use crate::websocket;
 
 /// Bodies up to this size of idempotent requests are kept so the request can be retried;
 /// larger ones stream through once.
@@ -56,8 +58,11 @@ fn idempotent(m: &Method) -> bool {
 async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
+    // An upgrade (WebSocket) keeps the client's connection to splice it after the 101.
+    let upgrade = websocket::requested_upgrade(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
     let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
@@ -70,7 +75,7 @@ async fn proxy(
 
     // One snapshot load; the pool is cloned out so nothing borrows the snapshot across an
     // await (a reload may swap it meanwhile; this request finishes on the pool it chose).
-    let pool: Arc<Pool> = {
+    let (pool, upgrade_allowed, idle_timeout): (Arc<Pool>, bool, Duration) = {
         let snap = shared.snapshot.load();
         let route = snap
             .router
@@ -81,7 +86,14 @@ async fn proxy(
                 &parts.headers,
             )
             .ok_or(ProxyError::NoRoute)?;
-        route.pool().clone()
+        let allowed = upgrade
+            .as_ref()
+            .is_some_and(|u| route.config.upgrades.iter().any(|a| a == u));
+        (
+            route.pool().clone(),
+            allowed,
+            snap.config.server.websocket_idle_timeout,
+        )
     };
 
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -89,6 +101,19 @@ async fn proxy(
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host) {
         parts.headers.insert(header::HOST, h.clone());
     }
+    // An allowed upgrade is the one hop-by-hop exchange passed on, as asked.
+    let client_upgrade = match (upgrade_allowed, client_upgrade, &upgrade) {
+        (true, Some(on), Some(proto)) => {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Ok(v) = HeaderValue::from_str(proto) {
+                parts.headers.insert(header::UPGRADE, v);
+            }
+            Some(on)
+        }
+        _ => None,
+    };
     parts.version = Version::HTTP_11;
     let path = parts
         .uri
@@ -124,6 +149,7 @@ async fn proxy(
     let max_attempts = if replay.is_some() { 1 + retries } else { 1 };
     pool.retry_budget.deposit();
 
+    let mut client_upgrade = client_upgrade;
     let mut tried = [BackendId(0); 11];
     let mut last: Option<Result<Response<Body>, ProxyError>> = None;
     for attempt in 0..max_attempts as usize {
@@ -133,7 +159,10 @@ async fn proxy(
             }
             tokio::time::sleep(backoff(&pool, attempt)).await;
         }
-        let Some(backend) = pool.pick(conn.peer.ip(), &tried[..attempt]).cloned() else {
+        let Some((backend, set_cookie)) = pool
+            .pick(conn.peer.ip(), &parts.headers, &tried[..attempt])
+            .map(|p| (p.backend.clone(), p.set_cookie))
+        else {
             break;
         };
         tried[attempt] = backend.id;
@@ -170,7 +199,7 @@ async fn proxy(
             .await;
         let elapsed = started.elapsed();
         match result {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let ok = !resp.status().is_server_error();
                 guard.record(elapsed, ok);
                 pool.observe(&backend, ok);
@@ -178,8 +207,49 @@ async fn proxy(
                     resp.status(),
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
                 ) && !is_last;
+                let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                if switching && client_upgrade.is_none() {
+                    // A 101 nobody asked for (or the route does not allow): refuse it.
+                    return Err(ProxyError::Upstream {
+                        backend: backend.addr,
+                        source: "switched protocols without an allowed upgrade request".into(),
+                    });
+                }
+                let backend_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
                 let (mut rparts, rbody) = resp.into_parts();
-                headers::strip_hop_by_hop(&mut rparts.headers);
+                if switching {
+                    // Keep the backend's Upgrade/Connection answer for the client.
+                    let keep_conn = rparts.headers.remove(header::CONNECTION);
+                    let keep_up = rparts.headers.remove(header::UPGRADE);
+                    headers::strip_hop_by_hop(&mut rparts.headers);
+                    if let (Some(c), Some(u)) = (keep_conn, keep_up) {
+                        rparts.headers.insert(header::CONNECTION, c);
+                        rparts.headers.insert(header::UPGRADE, u);
+                    }
+                } else {
+                    headers::strip_hop_by_hop(&mut rparts.headers);
+                }
+                if let (true, Some(st)) = (set_cookie, &pool.config.sticky) {
+                    if let fulcrum_config::StickyBy::Cookie(name) = &st.by {
+                        if let Some(v) = sticky::set_cookie(name, backend.id, st) {
+                            rparts.headers.append(header::SET_COOKIE, v);
+                        }
+                    }
+                }
+                if let (Some(client_up), Some(backend_up)) =
+                    (client_upgrade.take(), backend_upgrade)
+                {
+                    tokio::spawn(websocket::tunnel(
+                        client_up,
+                        backend_up,
+                        guard,
+                        idle_timeout,
+                        backend.state.close_sessions.subscribe(),
+                        shared.close_sessions.subscribe(),
+                        shared.sessions.clone(),
+                    ));
+                    return Ok(Response::from_parts(rparts, Body::empty()));
+                }
                 let resp = Response::from_parts(rparts, Body::with_guard(rbody, guard));
                 if !retry {
                     return Ok(resp);

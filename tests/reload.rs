@@ -26,7 +26,8 @@ impl Load {
         let failed = Arc::new(AtomicUsize::new(0));
         let tasks = (0..clients)
             .map(|_| {
-                let (stop, sent, failed, url) = (stop.clone(), sent.clone(), failed.clone(), url.to_string());
+                let (stop, sent, failed, url) =
+                    (stop.clone(), sent.clone(), failed.clone(), url.to_string());
                 tokio::spawn(async move {
                     let c = client();
                     while !stop.load(Ordering::SeqCst) {
@@ -34,7 +35,9 @@ impl Load {
                         let ok = match c.request(req).await {
                             Ok(r) => {
                                 let ok = r.status() == StatusCode::OK;
-                                ok & http_body_util::BodyExt::collect(r.into_body()).await.is_ok()
+                                ok & http_body_util::BodyExt::collect(r.into_body())
+                                    .await
+                                    .is_ok()
                             }
                             Err(_) => false,
                         };
@@ -46,7 +49,12 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, sent, failed, tasks }
+        Load {
+            stop,
+            sent,
+            failed,
+            tasks,
+        }
     }
 
     async fn finish(self) -> (usize, usize) {
@@ -54,7 +62,10 @@ impl Load {
         for t in self.tasks {
             t.await.unwrap();
         }
-        (self.sent.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -84,13 +95,21 @@ async fn a_hundred_membership_changes_under_load_fail_no_request() {
     for i in 0..6 {
         bs.push(backend(&format!("b{i}")).spawn().await);
     }
-    let name_of: HashMap<SocketAddr, String> = bs.iter().map(|b| (b.addr, b.name.clone())).collect();
-    let p = proxy(&one_pool("round_robin", &[(bs[0].addr, 1), (bs[1].addr, 1)], "dynamic = true")).await;
+    let name_of: HashMap<SocketAddr, String> =
+        bs.iter().map(|b| (b.addr, b.name.clone())).collect();
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[(bs[0].addr, 1), (bs[1].addr, 1)],
+        "dynamic = true",
+    ))
+    .await;
     let load = Load::start(&p.url, 4);
     let mut current: Vec<SocketAddr> = vec![bs[0].addr, bs[1].addr];
     let mut seed = 12345u64;
     let mut rand = move |n: usize| {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (seed >> 33) as usize % n
     };
     for change in 0..100 {
@@ -113,7 +132,12 @@ async fn a_hundred_membership_changes_under_load_fail_no_request() {
             1 => match bs.iter().map(|b| b.addr).find(|a| !current.contains(a)) {
                 Some(a) => {
                     current.push(a);
-                    call("POST", &p.admin("/pools/p/backends"), &format!("{{\"address\": \"{a}\", \"weight\": 2}}")).await
+                    call(
+                        "POST",
+                        &p.admin("/pools/p/backends"),
+                        &format!("{{\"address\": \"{a}\", \"weight\": 2}}"),
+                    )
+                    .await
                 }
                 None => (StatusCode::OK, String::new()),
             },
@@ -128,7 +152,11 @@ async fn a_hundred_membership_changes_under_load_fail_no_request() {
                 current = vec![a];
                 let r = call("PUT", &p.admin("/pools/p/backends"), &list_json(&[(a, 1)])).await;
                 let (status, _, body) = get(&p.url, &[]).await;
-                assert_eq!((status, body.as_str()), (StatusCode::OK, name_of[&a].as_str()), "change {change}");
+                assert_eq!(
+                    (status, body.as_str()),
+                    (StatusCode::OK, name_of[&a].as_str()),
+                    "change {change}"
+                );
                 r
             }
         };
@@ -138,7 +166,10 @@ async fn a_hundred_membership_changes_under_load_fail_no_request() {
         // The next request lands in the new membership.
         let (status, _, body) = get(&p.url, &[]).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(current.iter().any(|a| name_of[a] == body), "change {change}: {body} not in {current:?}");
+        assert!(
+            current.iter().any(|a| name_of[a] == body),
+            "change {change}: {body} not in {current:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (sent, failed) = load.finish().await;
@@ -150,34 +181,64 @@ async fn a_hundred_membership_changes_under_load_fail_no_request() {
     for (method, path, body) in [
         ("PUT", "/pools/p/backends", "[{\"address\": \"nohost\"}]"),
         ("PUT", "/pools/p/backends", "{not json"),
-        ("POST", "/pools/p/backends", "{\"address\": \"127.0.0.1:1\", \"weight\": 0}"),
+        (
+            "POST",
+            "/pools/p/backends",
+            "{\"address\": \"127.0.0.1:1\", \"weight\": 0}",
+        ),
         ("PUT", "/pools/nope/backends", "[]"),
         ("DELETE", "/pools/p/backends/127.0.0.1:1", ""),
     ] {
         let (status, body) = call(method, &p.admin(path), body).await;
-        assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND, "{method} {path}: {status}");
-        assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string(), "{body}");
+        assert!(
+            status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND,
+            "{method} {path}: {status}"
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string(),
+            "{body}"
+        );
     }
     assert_eq!(members(&p).await, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_removed_mid_request_finishes_it_and_gets_no_more() {
-    let slow = backend("slow").slow(Duration::from_millis(600)).spawn().await;
+    let slow = backend("slow")
+        .slow(Duration::from_millis(600))
+        .spawn()
+        .await;
     let other = backend("other").spawn().await;
-    let p = proxy(&one_pool("round_robin", &[(slow.addr, 1), (other.addr, 1)], "health_check = { enabled = false }")).await;
+    let p = proxy(&one_pool(
+        "round_robin",
+        &[(slow.addr, 1), (other.addr, 1)],
+        "health_check = { enabled = false }",
+    ))
+    .await;
     // Find a request that goes to the slow one.
     let url = p.url.clone();
     let pending = tokio::spawn(async move { get(&url, &[]).await });
     while slow.hits() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (status, body) = call("DELETE", &p.admin(&format!("/pools/p/backends/{}", slow.addr)), "").await;
+    let (status, body) = call(
+        "DELETE",
+        &p.admin(&format!("/pools/p/backends/{}", slow.addr)),
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("+0 -1"), "{body}");
     // It shows as draining while its request runs.
-    let listed: serde_json::Value = serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap();
-    let entry = listed.as_array().unwrap().iter().find(|b| b["address"] == slow.addr.to_string()).cloned().unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap();
+    let entry = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == slow.addr.to_string())
+        .cloned()
+        .unwrap();
     assert_eq!(entry["draining"], true);
     assert_eq!(entry["in_flight"], 1);
     for _ in 0..20 {
@@ -189,12 +250,16 @@ async fn a_backend_removed_mid_request_finishes_it_and_gets_no_more() {
     // Drained: gone from the listing.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!members(&p).await.contains(&slow.addr.to_string()));
-    let all: serde_json::Value = serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap();
+    let all: serde_json::Value =
+        serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap();
     assert_eq!(all.as_array().unwrap().len(), 1);
 }
 
 fn file_config(admin_port: u16, backends: &[SocketAddr], extra_pool: &str, extra: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|a| format!("{{ address = \"{a}\" }}")).collect();
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
     format!(
         "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{extra}\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:0\"\n\n[[routes]]\npool = \"p\"\n\n[pools.p]\nbackends = [{}]\n{extra_pool}\n",
         list.join(", ")
@@ -208,7 +273,16 @@ async fn reload_keeps_state_of_unchanged_backends_and_rejects_a_broken_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.toml");
     // a fails its health checks (every 100 ms): it will be unhealthy before the reload.
-    std::fs::write(&path, file_config(0, &[a.addr], "health_check = { interval = \"100ms\", path = \"/stall\", timeout = \"50ms\" }", "")).unwrap();
+    std::fs::write(
+        &path,
+        file_config(
+            0,
+            &[a.addr],
+            "health_check = { interval = \"100ms\", path = \"/stall\", timeout = \"50ms\" }",
+            "",
+        ),
+    )
+    .unwrap();
     let p = proxy_from_file(&path).await;
     let before = p.status().await;
     let a_before = before["pools"][0]["backends"][0].clone();
@@ -217,16 +291,30 @@ async fn reload_keeps_state_of_unchanged_backends_and_rejects_a_broken_file() {
         assert!(Instant::now() < deadline, "a never became unhealthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let requests_before = p.status().await["pools"][0]["backends"][0]["requests"].as_u64().unwrap();
+    let requests_before = p.status().await["pools"][0]["backends"][0]["requests"]
+        .as_u64()
+        .unwrap();
 
     // Add b: a keeps its id, its counters and its (bad) health.
-    std::fs::write(&path, file_config(0, &[a.addr, b.addr], "health_check = { interval = \"100ms\", path = \"/stall\", timeout = \"50ms\" }", "")).unwrap();
+    std::fs::write(
+        &path,
+        file_config(
+            0,
+            &[a.addr, b.addr],
+            "health_check = { interval = \"100ms\", path = \"/stall\", timeout = \"50ms\" }",
+            "",
+        ),
+    )
+    .unwrap();
     let (status, body) = call("POST", &p.admin("/reload"), "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let after = p.status().await;
     let backends = after["pools"][0]["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 2);
-    let a_after = backends.iter().find(|x| x["address"] == a.addr.to_string()).unwrap();
+    let a_after = backends
+        .iter()
+        .find(|x| x["address"] == a.addr.to_string())
+        .unwrap();
     assert_eq!(a_after["id"], a_before["id"]);
     assert_eq!(a_after["healthy"], false, "health was reset by the reload");
     assert!(a_after["requests"].as_u64().unwrap() >= requests_before);
@@ -238,7 +326,10 @@ async fn reload_keeps_state_of_unchanged_backends_and_rejects_a_broken_file() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let errors = serde_json::from_str::<serde_json::Value>(&body).unwrap()["errors"].clone();
     let first = errors[0].as_str().unwrap();
-    assert!(first.starts_with(&format!("{}:6:1: ", path.display())) && first.contains("algoritm"), "{first}");
+    assert!(
+        first.starts_with(&format!("{}:6:1: ", path.display())) && first.contains("algoritm"),
+        "{first}"
+    );
     assert_eq!(p.status().await["generation"], after["generation"]);
     // b is still served (a is unhealthy).
     assert_eq!(get(&p.url, &[]).await.2, "b");
@@ -254,13 +345,29 @@ async fn dynamic_pools_keep_api_membership_across_a_reload_of_an_unchanged_pool(
         let extra_pool = if dynamic { "dynamic = true" } else { "" };
         std::fs::write(&path, file_config(0, &[a.addr], extra_pool, "")).unwrap();
         let p = proxy_from_file(&path).await;
-        let (status, _) = call("POST", &p.admin("/pools/p/backends"), &format!("{{\"address\": \"{}\"}}", b.addr)).await;
+        let (status, _) = call(
+            "POST",
+            &p.admin("/pools/p/backends"),
+            &format!("{{\"address\": \"{}\"}}", b.addr),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(members(&p).await.len(), 2);
         // Reload with the pool unchanged in the file (another section changed).
-        std::fs::write(&path, file_config(0, &[a.addr], extra_pool, "[server]\ndrain_timeout = \"7s\"")).unwrap();
-        assert_eq!(call("POST", &p.admin("/reload"), "").await.0, StatusCode::OK);
-        assert_eq!(members(&p).await.contains(&b.addr.to_string()), expect_kept, "dynamic = {dynamic}");
+        std::fs::write(
+            &path,
+            file_config(0, &[a.addr], extra_pool, "[server]\ndrain_timeout = \"7s\""),
+        )
+        .unwrap();
+        assert_eq!(
+            call("POST", &p.admin("/reload"), "").await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            members(&p).await.contains(&b.addr.to_string()),
+            expect_kept,
+            "dynamic = {dynamic}"
+        );
         p.running.shutdown().await;
     }
 }
@@ -274,7 +381,9 @@ impl fulcrum::snapshot::Resolver for FakeDns {
         &'a self,
         host: &'a str,
         _port: u16,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>,
+    > {
         let r = self.0.lock().unwrap().get(host).cloned();
         Box::pin(async move { r.ok_or_else(|| std::io::Error::other("NXDOMAIN")) })
     }
@@ -282,23 +391,48 @@ impl fulcrum::snapshot::Resolver for FakeDns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_follows_dns() {
-    let bs = [backend("x").spawn().await, backend("y").spawn().await, backend("z").spawn().await];
+    let bs = [
+        backend("x").spawn().await,
+        backend("y").spawn().await,
+        backend("z").spawn().await,
+    ];
     let dns = Arc::new(FakeDns::default());
-    dns.0.lock().unwrap().insert("app.internal".into(), vec![bs[0].addr, bs[1].addr]);
+    dns.0
+        .lock()
+        .unwrap()
+        .insert("app.internal".into(), vec![bs[0].addr, bs[1].addr]);
     let text = format!(
         "[server]\nresolve_interval = \"50ms\"\n{}",
-        one_pool("round_robin", &[], "").replace("backends = []", "backends = [{ address = \"app.internal:80\" }]")
+        one_pool("round_robin", &[], "").replace(
+            "backends = []",
+            "backends = [{ address = \"app.internal:80\" }]"
+        )
     );
     let config = fulcrum::config::Config::parse(&text, "t.toml").unwrap();
-    let running = fulcrum::start_with(config, None, dns.clone()).await.unwrap();
-    let p = TestProxy { url: format!("http://{}", running.listeners[0].1), running };
-    let expect = |set: &[&TestBackend]| set.iter().map(|b| b.addr.to_string()).collect::<HashSet<_>>();
+    let running = fulcrum::start_with(config, None, dns.clone())
+        .await
+        .unwrap();
+    let p = TestProxy {
+        url: format!("http://{}", running.listeners[0].1),
+        running,
+    };
+    let expect = |set: &[&TestBackend]| {
+        set.iter()
+            .map(|b| b.addr.to_string())
+            .collect::<HashSet<_>>()
+    };
     assert_eq!(members(&p).await, expect(&[&bs[0], &bs[1]]));
 
-    dns.0.lock().unwrap().insert("app.internal".into(), vec![bs[1].addr, bs[2].addr]);
+    dns.0
+        .lock()
+        .unwrap()
+        .insert("app.internal".into(), vec![bs[1].addr, bs[2].addr]);
     let t = Instant::now();
     while members(&p).await != expect(&[&bs[1], &bs[2]]) {
-        assert!(t.elapsed() < Duration::from_secs(3), "membership did not follow DNS");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "membership did not follow DNS"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A failed lookup keeps the last known addresses.
@@ -315,26 +449,50 @@ async fn file_watch_reloads_and_listeners_follow_the_file() {
     let b = backend("b").spawn().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.toml");
-    std::fs::write(&path, file_config(0, &[a.addr], "", "[server]\nwatch_config = true")).unwrap();
+    std::fs::write(
+        &path,
+        file_config(0, &[a.addr], "", "[server]\nwatch_config = true"),
+    )
+    .unwrap();
     let p = proxy_from_file(&path).await;
     let generation = p.status().await["generation"].as_u64().unwrap();
     // Change the pool and add a second listener, by editing the file only.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let text = file_config(0, &[b.addr], "", "[server]\nwatch_config = true")
-        .replace("[[routes]]", &format!("[[listeners]]\nname = \"second\"\nlisten = \"127.0.0.1:{port}\"\n\n[[routes]]"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = file_config(0, &[b.addr], "", "[server]\nwatch_config = true").replace(
+        "[[routes]]",
+        &format!("[[listeners]]\nname = \"second\"\nlisten = \"127.0.0.1:{port}\"\n\n[[routes]]"),
+    );
     std::fs::write(&path, text).unwrap();
     let t = Instant::now();
     while p.status().await["generation"].as_u64().unwrap() == generation {
-        assert!(t.elapsed() < Duration::from_secs(5), "the file watch did not reload");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the file watch did not reload"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(get(&p.url, &[]).await.2, "b", "the first listener kept serving, with the new pool");
+    assert_eq!(
+        get(&p.url, &[]).await.2,
+        "b",
+        "the first listener kept serving, with the new pool"
+    );
     assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.2, "b");
     // Remove the second listener again: its port closes, the first stays.
-    std::fs::write(&path, file_config(0, &[b.addr], "", "[server]\nwatch_config = true")).unwrap();
+    std::fs::write(
+        &path,
+        file_config(0, &[b.addr], "", "[server]\nwatch_config = true"),
+    )
+    .unwrap();
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-        assert!(t.elapsed() < Duration::from_secs(5), "the removed listener still accepts");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the removed listener still accepts"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(get(&p.url, &[]).await.2, "b");
@@ -344,15 +502,35 @@ async fn file_watch_reloads_and_listeners_follow_the_file() {
 async fn slow_start_ramps_a_new_backends_weight() {
     let a = backend("a").spawn().await;
     let b = backend("b").spawn().await;
-    let p = proxy(&one_pool("weighted_round_robin", &[(a.addr, 10)], "slow_start = \"1s\"")).await;
-    let (status, _) = call("POST", &p.admin("/pools/p/backends"), &format!("{{\"address\": \"{}\", \"weight\": 10}}", b.addr)).await;
+    let p = proxy(&one_pool(
+        "weighted_round_robin",
+        &[(a.addr, 10)],
+        "slow_start = \"1s\"",
+    ))
+    .await;
+    let (status, _) = call(
+        "POST",
+        &p.admin("/pools/p/backends"),
+        &format!("{{\"address\": \"{}\", \"weight\": 10}}", b.addr),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let weight = |v: serde_json::Value| {
-        v.as_array().unwrap().iter().find(|x| x["address"] == b.addr.to_string()).unwrap()["effective_weight"].as_u64().unwrap()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["address"] == b.addr.to_string())
+            .unwrap()["effective_weight"]
+            .as_u64()
+            .unwrap()
     };
-    let early = weight(serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap());
+    let early = weight(
+        serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap(),
+    );
     assert!(early < 5, "starts low: {early}");
     tokio::time::sleep(Duration::from_millis(1400)).await;
-    let late = weight(serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap());
+    let late = weight(
+        serde_json::from_str(&call("GET", &p.admin("/pools/p/backends"), "").await.1).unwrap(),
+    );
     assert_eq!(late, 10);
 }

@@ -142,6 +142,8 @@ pub struct RouteConfig {
     pub match_header: Option<MatchHeader>,
     pub rate_limit: Option<RateLimitConfig>,
     pub compression: bool,
+    /// Upgrade protocols passed through (lower-case); default `["websocket"]`.
+    pub upgrades: Vec<String>,
 }
 
 /// Which host names a route answers for.

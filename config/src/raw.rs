@@ -93,6 +93,7 @@ pub struct RawRoute {
     pub match_header: Option<S<RawMatchHeader>>,
     pub rate_limit: Option<S<RawRateLimit>>,
     pub compression: Option<bool>,
+    pub upgrades: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -678,6 +678,23 @@ fn route(
         match_header,
         rate_limit,
         compression: rr.compression.unwrap_or(false),
+        upgrades: match &rr.upgrades {
+            None => vec!["websocket".to_string()],
+            Some(list) => list
+                .iter()
+                .filter_map(|u| {
+                    if valid_token(u.get_ref()) {
+                        Some(u.get_ref().to_ascii_lowercase())
+                    } else {
+                        v.err(
+                            u,
+                            format!("upgrades: invalid protocol name {:?}", u.get_ref()),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        },
     })
 }
 

@@ -118,6 +118,18 @@ pub fn hash_ip(ip: IpAddr) -> u64 {
 
 impl Selector for IpHash {
     fn pick(&self, backends: &[Arc<Backend>], ctx: &PickCtx<'_>) -> Option<usize> {
+        self.pick_key(hash_ip(ctx.client), backends, ctx)
+    }
+}
+
+impl IpHash {
+    /// The consistent pick for any 64-bit key (a client address, a session header's hash).
+    pub fn pick_key(
+        &self,
+        key: u64,
+        backends: &[Arc<Backend>],
+        ctx: &PickCtx<'_>,
+    ) -> Option<usize> {
         let m = self.table.len();
         if m == 0 || backends.is_empty() {
             return None;
@@ -128,7 +140,7 @@ impl Selector for IpHash {
             let total = self.load.load(Ordering::Relaxed);
             (c * (total + 1) as f64 / backends.len() as f64).ceil() as u64
         });
-        let start = (hash_ip(ctx.client) % m as u64) as usize;
+        let start = (key % m as u64) as usize;
         let Some(cap) = cap else {
             // Plain consistent hashing: the first eligible backend from the client's slot.
             return (0..m)

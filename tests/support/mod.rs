@@ -140,7 +140,7 @@ impl BackendBuilder {
                 tokio::spawn(async move {
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::select! {
                         _ = conn => {}
                         _ = dead.wait_for(|d| *d) => {}
@@ -171,6 +171,9 @@ async fn answer(
         tokio::time::sleep(delay).await;
     }
     let path = req.uri().path().to_string();
+    if req.headers().contains_key("sec-websocket-key") && req.headers().contains_key("upgrade") {
+        return websocket_echo(req, name);
+    }
     let body = if path == "/stall" {
         std::future::pending::<()>().await;
         unreachable!()
@@ -410,7 +413,9 @@ pub async fn call(method: &str, url: &str, body: &str) -> (StatusCode, String) {
 /// Starts fulcrum from a config file (so reloads re-read it).
 pub async fn proxy_from_file(path: &std::path::Path) -> TestProxy {
     let config = fulcrum::config::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let running = fulcrum::start(config, Some(path.to_path_buf())).await.expect("proxy did not start");
+    let running = fulcrum::start(config, Some(path.to_path_buf()))
+        .await
+        .expect("proxy did not start");
     let url = format!("http://{}", running.listeners[0].1);
     TestProxy { running, url }
 }
@@ -425,4 +430,48 @@ impl TestProxy {
         let (_, body) = call("GET", &self.admin("/status"), "").await;
         serde_json::from_str(&body).unwrap()
     }
+}
+
+/// Accepts a WebSocket upgrade, then sends the backend's name and echoes every message
+/// (tungstenite answers pings itself).
+fn websocket_echo(mut req: Request<Incoming>, name: &str) -> Response<TestBody> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{handshake::derive_accept_key, protocol::Role, Message};
+    let key = req.headers()["sec-websocket-key"].as_bytes().to_vec();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        if ws.send(Message::text(name)).await.is_err() {
+            return;
+        }
+        // Pings and closes are answered by tungstenite itself (the close answer is sent on
+        // the next poll, which then ends the stream).
+        while let Some(Ok(msg)) = ws.next().await {
+            let data = matches!(msg, Message::Text(_) | Message::Binary(_));
+            if data && ws.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", derive_accept_key(&key))
+        .body(full(""))
+        .unwrap()
+}
+
+/// Raises this process's open-file limit (tests hold thousands of sockets).
+pub fn many_files() {
+    let _ = rlimit::increase_nofile_limit(65_536);
 }
