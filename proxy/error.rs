@@ -28,6 +28,12 @@ pub enum ProxyError {
     },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("rate limited")]
+    RateLimited(crate::ratelimit::Decision),
+    #[error("pool {pool}: every backend slot taken and the queue is full")]
+    QueueFull { pool: std::sync::Arc<str> },
+    #[error("pool {pool}: no backend slot within the queue timeout")]
+    QueueTimeout { pool: std::sync::Arc<str> },
 }
 
 /// Who is to blame, for logs and metrics.
@@ -41,7 +47,8 @@ pub enum Side {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute => Side::Client,
+            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited(_) => Side::Client,
+            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => Side::Internal,
             ProxyError::Connect { .. }
             | ProxyError::Timeout { .. }
             | ProxyError::Upstream { .. } => Side::Upstream,
@@ -62,6 +69,8 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -76,6 +85,10 @@ impl ProxyError {
                 "504 gateway timeout: the backend did not answer in time\n"
             }
             ProxyError::BadRequest(_) => "400 bad request\n",
+            ProxyError::RateLimited(_) => "429 too many requests\n",
+            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => {
+                "503 service unavailable: the backends are at capacity\n"
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod headers;
 pub mod health;
 pub mod listener;
 pub mod pool;
+pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod server;

@@ -9,7 +9,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::net::IpAddr;
+
+use dashmap::DashMap;
+use fulcrum_config::ListenerConfig;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::sync::watch;
 
 use crate::server::Shared;
@@ -33,6 +39,60 @@ pub fn http_builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 pub struct Listener {
     pub name: Arc<str>,
     pub socket: TcpListener,
+    /// Connection slots (`max_connections`); at the cap a connection is answered 503 and closed.
+    pub slots: Option<Arc<Semaphore>>,
+    /// `max_connections_per_ip`, with the count per client address.
+    pub per_ip: Option<(u32, Arc<DashMap<IpAddr, u32>>)>,
+    /// `max_requests_per_connection`.
+    pub max_requests: Option<u64>,
+}
+
+/// The answer to a connection over a cap, written straight to the socket.
+const OVER_CAP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 46\r\n\r\n503 service unavailable: too many connections\n";
+
+/// Holds a client's place under the per-address cap until its connection ends.
+struct IpSlot(IpAddr, Arc<DashMap<IpAddr, u32>>);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        self.1.remove_if_mut(&self.0, |_, n| {
+            *n -= 1;
+            *n == 0
+        });
+    }
+}
+
+impl Listener {
+    pub fn new(config: &ListenerConfig, socket: TcpListener, max_requests: Option<u64>) -> Listener {
+        Listener {
+            name: Arc::from(config.name.as_str()),
+            socket,
+            slots: config.max_connections.map(|n| Arc::new(Semaphore::new(n as usize))),
+            per_ip: config.max_connections_per_ip.map(|n| (n, Arc::new(DashMap::new()))),
+            max_requests,
+        }
+    }
+
+    /// Takes the connection's places under the caps, or `None` when it is over one.
+    fn admit(&self, ip: IpAddr) -> Option<(Option<OwnedSemaphorePermit>, Option<IpSlot>)> {
+        let permit = match &self.slots {
+            Some(s) => Some(s.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        let ip_slot = match &self.per_ip {
+            Some((max, counts)) => {
+                let mut n = counts.entry(ip).or_insert(0);
+                if *n >= *max {
+                    return None;
+                }
+                *n += 1;
+                drop(n);
+                Some(IpSlot(ip, counts.clone()))
+            }
+            None => None,
+        };
+        Some((permit, ip_slot))
+    }
 }
 
 impl Listener {
@@ -60,10 +120,21 @@ impl Listener {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let Some(places) = self.admit(peer.ip()) else {
+                tracing::debug!(listener = %self.name, client = %peer, "connection over the cap: refused");
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(OVER_CAP)).await;
+                    let _ = stream.shutdown().await;
+                });
+                continue;
+            };
             let info = Arc::new(ConnInfo {
                 listener: self.name.clone(),
                 peer,
                 tls: false,
+                served: std::sync::atomic::AtomicU64::new(0),
+                max_requests: self.max_requests,
             });
             let shared = shared.clone();
             let svc = service_fn(move |req| {
@@ -76,6 +147,7 @@ impl Listener {
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
+                let _places = places;
                 if let Err(e) = conn.await {
                     tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
                 }

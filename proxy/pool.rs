@@ -86,6 +86,8 @@ pub struct BackendState {
     /// In-flight requests of the whole pool (shared by its backends), for bounded-load
     /// hashing without a scan.
     pub pool_load: Arc<AtomicU64>,
+    /// Request slots when the pool caps requests per backend.
+    pub slots: Option<Arc<tokio::sync::Semaphore>>,
     /// When this backend first joined its pool (slow start ramps from here).
     pub joined: std::time::Instant,
     /// Peak-EWMA latency, for least_response_time and status.
@@ -111,9 +113,16 @@ impl BackendState {
             sessions: AtomicU64::new(0),
             close_sessions: tokio::sync::watch::channel(false).0,
             pool_load: Arc::new(AtomicU64::new(0)),
+            slots: None,
             draining: AtomicBool::new(false),
             client,
         }
+    }
+
+    /// Caps this backend at `n` requests at once (`max_connections_per_backend`).
+    pub fn with_slots(mut self, n: Option<u32>) -> BackendState {
+        self.slots = n.map(|n| Arc::new(tokio::sync::Semaphore::new(n as usize)));
+        self
     }
 
     /// Counts this backend's requests into the pool-wide counter `load`.
@@ -166,14 +175,19 @@ pub struct Backend {
 
 /// Counts a request in flight on a backend for as long as it lives (the response body
 /// included), so least-connections and draining see streaming responses too.
-pub struct InFlight(Arc<BackendState>);
+pub struct InFlight(Arc<BackendState>, Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl InFlight {
     pub fn begin(state: &Arc<BackendState>) -> InFlight {
         state.in_flight.fetch_add(1, Ordering::Relaxed);
         state.pool_load.fetch_add(1, Ordering::Relaxed);
         state.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(state.clone())
+        InFlight(state.clone(), None)
+    }
+
+    /// Holds the backend connection slot (`max_connections_per_backend`) until the end.
+    pub fn hold(&mut self, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+        self.1 = permit;
     }
 
     pub fn state(&self) -> &BackendState {
@@ -214,6 +228,8 @@ pub struct Pool {
     pub rng: balance::random::SplitMix,
     /// Requests in flight on the whole pool; carried across reloads with the pool.
     pub load: Arc<AtomicU64>,
+    /// Requests waiting for a backend slot.
+    pub pending: std::sync::atomic::AtomicU32,
     /// Backend index by id, for sticky cookies.
     pub by_id: HashMap<BackendId, usize>,
     /// The consistent-hash table for `sticky = { header = ... }`.
@@ -253,6 +269,7 @@ impl Pool {
             _ => None,
         };
         let pool = Pool {
+            pending: std::sync::atomic::AtomicU32::new(0),
             by_id: backends
                 .iter()
                 .enumerate()

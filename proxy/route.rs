@@ -11,6 +11,7 @@ use http::HeaderMap;
 
 use crate::balance::smooth_sequence;
 use crate::pool::Pool;
+use crate::ratelimit::RateLimiter;
 
 pub enum Target {
     Pool(Arc<Pool>),
@@ -31,6 +32,7 @@ pub struct Route {
     pub match_header: Option<MatchHeader>,
     pub target: Target,
     pub config: RouteConfig,
+    pub limiter: Option<Arc<RateLimiter>>,
 }
 
 impl Route {
@@ -54,7 +56,15 @@ impl Route {
                 }
             }
         };
+        // The same route gets the same id on every instance (it keys the shared store).
+        let route_id = crate::sticky::hash_value(
+            format!("{index}|{:?}|{}|{:?}", config.host, config.path_prefix, config.listener).as_bytes(),
+        );
         Some(Route {
+            limiter: config
+                .rate_limit
+                .clone()
+                .map(|rl| Arc::new(RateLimiter::new(rl, route_id))),
             index,
             listener: config.listener.as_deref().map(Arc::from),
             path_prefix: config.path_prefix.clone().into_boxed_str(),

@@ -74,6 +74,10 @@ pub struct Shared {
     /// Set when shutdown's drain time is up: open sessions close.
     pub close_sessions: watch::Sender<bool>,
     pub history: Mutex<VecDeque<HistoryEntry>>,
+    /// The store of fleet-wide rate limits (`[redis]`), made at start.
+    pub redis: Option<crate::ratelimit::RedisStore>,
+    /// Rate-limit checks that found the store unavailable.
+    pub store_errors: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,10 +237,8 @@ impl Shared {
             .clone()
             .ok_or_else(|| std::io::Error::other("shutting down"))?;
         let (stop, stop_rx) = watch::channel(false);
-        let l = Listener {
-            name: Arc::from(config.name.as_str()),
-            socket,
-        };
+        let max_requests = self.snapshot.load().config.server.max_requests_per_connection;
+        let l = Listener::new(&config, socket, max_requests);
         tracing::info!(listener = %config.name, %addr, "listening");
         let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
         lock(&self.listeners).push(ListenerHandle {
@@ -325,6 +327,7 @@ pub async fn start_with(
 
     let builder = listener::http_builder(&config.server);
     let watch_config = config.server.watch_config;
+    let redis = config.redis.clone();
     let control = Control {
         file: config.clone(),
         resolved: resolved.clone(),
@@ -346,6 +349,8 @@ pub async fn start_with(
         sessions: Arc::new(AtomicU64::new(0)),
         close_sessions: watch::channel(false).0,
         history: Mutex::new(VecDeque::new()),
+        redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
+        store_errors: AtomicU64::new(0),
     });
     shared.sync_health_checks();
     for (cfg, socket) in sockets {
@@ -359,6 +364,7 @@ pub async fn start_with(
         admin_rx,
     ))];
     background.push(reload::spawn_resolve_loop(&shared));
+    background.push(crate::ratelimit::spawn_sweeper(&shared));
     if let (true, Some(path)) = (watch_config, &config_path) {
         match reload::spawn_file_watch(&shared, path.clone()) {
             Ok(task) => background.push(task),

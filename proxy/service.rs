@@ -29,10 +29,25 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
     pub tls: bool,
+    /// Requests served on this connection, and the cap (`max_requests_per_connection`).
+    pub served: std::sync::atomic::AtomicU64,
+    pub max_requests: Option<u64>,
 }
 
 /// Serves one request; never fails (errors become fulcrum's own responses).
 pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = respond(shared, conn, req).await;
+    if let Some(max) = conn.max_requests {
+        // The last request a connection may carry: tell the client, and hyper closes it.
+        if conn.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    resp
+}
+
+async fn respond(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
     match proxy(shared, conn, req).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -75,7 +90,7 @@ async fn proxy(
 
     // One snapshot load; the pool is cloned out so nothing borrows the snapshot across an
     // await (a reload may swap it meanwhile; this request finishes on the pool it chose).
-    let (pool, upgrade_allowed, idle_timeout): (Arc<Pool>, bool, Duration) = {
+    let (pool, upgrade_allowed, idle_timeout, limiter): (Arc<Pool>, bool, Duration, _) = {
         let snap = shared.snapshot.load();
         let route = snap
             .router
@@ -93,8 +108,39 @@ async fn proxy(
             route.pool().clone(),
             allowed,
             snap.config.server.websocket_idle_timeout,
+            route.limiter.clone(),
         )
     };
+
+    // Rate limit before anything touches a backend.
+    if let Some(l) = &limiter {
+        let ip = conn.peer.ip();
+        let local = || l.check_local(l.key(ip, &parts.headers), crate::balance::ewma::now_ns());
+        let decision = match (&shared.redis, l.config.global) {
+            (Some(store), true) => match l.check_global(store, &l.store_key(ip, &parts.headers)).await {
+                Ok(d) => d,
+                Err(e) => {
+                    shared.store_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(error = %e, "rate-limit store unavailable: fallback applies");
+                    if l.config.deny_on_store_error {
+                        crate::ratelimit::Decision {
+                            allowed: false,
+                            limit: l.config.burst,
+                            remaining: 0,
+                            reset: 1,
+                            retry_after: 1,
+                        }
+                    } else {
+                        local()
+                    }
+                }
+            },
+            _ => local(),
+        };
+        if !decision.allowed {
+            return Err(ProxyError::RateLimited(decision));
+        }
+    }
 
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls, host.as_ref());
@@ -190,7 +236,13 @@ async fn proxy(
             parts.headers.clone()
         };
 
-        let guard = InFlight::begin(&backend.state);
+        // A capped backend: wait for a slot in the pool's bounded queue.
+        let permit = match &backend.state.slots {
+            None => None,
+            Some(slots) => Some(acquire_slot(&pool, slots).await?),
+        };
+        let mut guard = InFlight::begin(&backend.state);
+        guard.hold(permit);
         let started = std::time::Instant::now();
         let result = backend
             .state
@@ -280,6 +332,34 @@ async fn proxy(
     }
 }
 
+/// A slot on a capped backend, queueing (HAProxy's `maxconn` + `queue`) when all are taken:
+/// at most `max_pending` wait, each at most `queue_timeout`; the rest get 503 at once.
+async fn acquire_slot(
+    pool: &Pool,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ProxyError> {
+    use std::sync::atomic::Ordering;
+    if let Ok(p) = slots.clone().try_acquire_owned() {
+        return Ok(p);
+    }
+    let max = pool.config.max_pending.unwrap_or(u32::MAX);
+    let queued = pool.pending.fetch_add(1, Ordering::AcqRel);
+    if queued >= max {
+        pool.pending.fetch_sub(1, Ordering::AcqRel);
+        return Err(ProxyError::QueueFull {
+            pool: pool.name.clone(),
+        });
+    }
+    let got = tokio::time::timeout(pool.config.queue_timeout, slots.clone().acquire_owned()).await;
+    pool.pending.fetch_sub(1, Ordering::AcqRel);
+    match got {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(ProxyError::QueueTimeout {
+            pool: pool.name.clone(),
+        }),
+    }
+}
+
 /// Exponential backoff with "equal jitter": half the step fixed, half random.
 fn backoff(pool: &Pool, attempt: usize) -> Duration {
     let step = pool
@@ -306,6 +386,12 @@ pub fn error_response(e: &ProxyError) -> Response<Body> {
     );
     if e.status() == StatusCode::SERVICE_UNAVAILABLE {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let ProxyError::RateLimited(d) = e {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after));
+        h.insert("ratelimit-limit", HeaderValue::from(d.limit));
+        h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+        h.insert("ratelimit-reset", HeaderValue::from(d.reset));
     }
     resp
 }

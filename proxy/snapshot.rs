@@ -151,7 +151,8 @@ impl Snapshot {
                                     DEFAULT_RTT,
                                     pc.health_check.initially_healthy || !pc.health_check.enabled,
                                 )
-                                .with_pool_load(load.clone()),
+                                .with_pool_load(load.clone())
+                                .with_slots(pc.max_connections_per_backend),
                             )
                         }
                     };

@@ -32,6 +32,15 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub access_log: Option<AccessLogConfig>,
+    /// The store fleet-wide (`scope = "global"`) rate limits share.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    /// How long a limit check may wait for Redis before the fallback applies.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -21,6 +21,14 @@ pub struct RawConfig {
     #[serde(default)]
     pub pools: BTreeMap<S<String>, S<RawPool>>,
     pub access_log: Option<RawAccessLog>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: S<String>,
+    pub timeout: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]

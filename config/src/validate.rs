@@ -206,6 +206,27 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
         }
     }
 
+    let redis = raw.redis.as_ref().and_then(|r| {
+        let url = r.url.get_ref();
+        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
+            v.err(&r.url, format!("redis.url: expected redis://host:port, got {url:?}"));
+            return None;
+        }
+        Some(RedisConfig {
+            url: url.clone(),
+            timeout: v.duration(&r.timeout, "redis.timeout", Duration::from_millis(50)),
+        })
+    });
+    if redis.is_none() && raw.redis.is_none() {
+        for r in &raw.routes {
+            if let Some(scope) = r.get_ref().rate_limit.as_ref().and_then(|rl| rl.get_ref().scope.as_ref()) {
+                if scope.get_ref() == "global" {
+                    v.err(scope, "rate_limit.scope = \"global\" needs a [redis] table with the shared store's url");
+                }
+            }
+        }
+    }
+
     if v.errors.is_empty() {
         Ok(Config {
             server,
@@ -214,6 +235,7 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
             routes,
             pools,
             access_log,
+            redis,
         })
     } else {
         v.errors.sort_by_key(|e| e.position());
