@@ -45,11 +45,17 @@ async fn main() {
 async fn backend(listen: &str) {
     let socket = tokio::net::TcpListener::bind(listen).await.expect("bind");
     loop {
-        let Ok((stream, _)) = socket.accept().await else { continue };
+        let Ok((stream, _)) = socket.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
-            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
             while let Some(Ok(msg)) = ws.next().await {
-                if matches!(msg, Message::Text(_) | Message::Binary(_)) && ws.send(msg).await.is_err() {
+                if matches!(msg, Message::Text(_) | Message::Binary(_))
+                    && ws.send(msg).await.is_err()
+                {
                     return;
                 }
             }
@@ -76,7 +82,12 @@ async fn hold(url: &str, sessions: usize, seconds: u64) {
             }
         }
     }
-    println!("open {} failed {} in {:?}", open.len(), failed, started.elapsed());
+    println!(
+        "open {} failed {} in {:?}",
+        open.len(),
+        failed,
+        started.elapsed()
+    );
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     // Every held session still answers.
     let mut alive = 0;
@@ -91,7 +102,9 @@ async fn hold(url: &str, sessions: usize, seconds: u64) {
 }
 
 async fn rtt(url: &str, count: usize) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
     let mut samples = Vec::with_capacity(count);
     for i in 0..count {
         let t = Instant::now();

@@ -47,7 +47,9 @@ pub enum Side {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited(_) => Side::Client,
+            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::RateLimited(_) => {
+                Side::Client
+            }
             ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => Side::Internal,
             ProxyError::Connect { .. }
             | ProxyError::Timeout { .. }
@@ -70,7 +72,9 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::QueueFull { .. } | ProxyError::QueueTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 

@@ -15,8 +15,8 @@ use dashmap::DashMap;
 use fulcrum_config::ListenerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::Shared;
 use crate::service::{self, ConnInfo};
@@ -63,12 +63,20 @@ impl Drop for IpSlot {
 }
 
 impl Listener {
-    pub fn new(config: &ListenerConfig, socket: TcpListener, max_requests: Option<u64>) -> Listener {
+    pub fn new(
+        config: &ListenerConfig,
+        socket: TcpListener,
+        max_requests: Option<u64>,
+    ) -> Listener {
         Listener {
             name: Arc::from(config.name.as_str()),
             socket,
-            slots: config.max_connections.map(|n| Arc::new(Semaphore::new(n as usize))),
-            per_ip: config.max_connections_per_ip.map(|n| (n, Arc::new(DashMap::new()))),
+            slots: config
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n as usize))),
+            per_ip: config
+                .max_connections_per_ip
+                .map(|n| (n, Arc::new(DashMap::new()))),
             max_requests,
         }
     }
@@ -124,7 +132,11 @@ impl Listener {
                 tracing::debug!(listener = %self.name, client = %peer, "connection over the cap: refused");
                 tokio::spawn(async move {
                     let mut stream = stream;
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(OVER_CAP)).await;
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        stream.write_all(OVER_CAP),
+                    )
+                    .await;
                     let _ = stream.shutdown().await;
                 });
                 continue;

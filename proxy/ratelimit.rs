@@ -134,7 +134,11 @@ impl RateLimiter {
         match &self.config.key {
             RateLimitKey::Route => format!("fulcrum:rl:{:x}:route", self.route_id),
             RateLimitKey::Header(name) => match headers.get(name.as_str()) {
-                Some(v) => format!("fulcrum:rl:{:x}:h:{:x}", self.route_id, crate::sticky::hash_value(v.as_bytes())),
+                Some(v) => format!(
+                    "fulcrum:rl:{:x}:h:{:x}",
+                    self.route_id,
+                    crate::sticky::hash_value(v.as_bytes())
+                ),
                 None => format!("fulcrum:rl:{:x}:ip:{client}", self.route_id),
             },
             RateLimitKey::ClientIp => format!("fulcrum:rl:{:x}:ip:{client}", self.route_id),
@@ -172,7 +176,9 @@ impl RateLimiter {
 
     /// A fleet-wide check in the shared store (fixed window of `burst / per_second`).
     pub async fn check_global(&self, store: &RedisStore, key: &str) -> Result<Decision, String> {
-        let window = (self.config.burst as f64 / self.config.per_second).ceil().max(1.0) as u64;
+        let window = (self.config.burst as f64 / self.config.per_second)
+            .ceil()
+            .max(1.0) as u64;
         let now_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -310,15 +316,22 @@ mod tests {
         assert!(results[..200].iter().all(|d| d.allowed));
         let refused = &results[200];
         assert!(!refused.allowed);
-        assert_eq!((refused.limit, refused.remaining, refused.retry_after), (200, 0, 1));
+        assert_eq!(
+            (refused.limit, refused.remaining, refused.retry_after),
+            (200, 0, 1)
+        );
         assert_eq!(refused.reset, 2, "the whole burst refills in 2 s");
         assert_eq!(results[0].remaining, 199);
 
         // Tokens come back at 100/s: after 50 ms, 5 more.
-        let later: Vec<bool> = (0..10).map(|_| l.check_local(7, t0 + S / 20).allowed).collect();
+        let later: Vec<bool> = (0..10)
+            .map(|_| l.check_local(7, t0 + S / 20).allowed)
+            .collect();
         assert_eq!(later.iter().filter(|a| **a).count(), 5);
         // After 2 s the bucket is whole again.
-        let whole = (0..250).filter(|_| l.check_local(7, t0 + 3 * S).allowed).count();
+        let whole = (0..250)
+            .filter(|_| l.check_local(7, t0 + 3 * S).allowed)
+            .count();
         assert_eq!(whole, 200);
     }
 
@@ -351,11 +364,18 @@ mod tests {
         }
         assert_eq!(l.len(), 1_000_000);
         let full = l.memory();
-        eprintln!("1,000,000 live keys: {:.1} MiB of key table", full as f64 / 1048576.0);
+        eprintln!(
+            "1,000,000 live keys: {:.1} MiB of key table",
+            full as f64 / 1048576.0
+        );
         assert!(full <= 1_000_000 * BYTES_PER_KEY * 2, "{full} bytes");
         // Every bucket is whole again 2 s later: the sweep drops them all.
         assert_eq!(l.sweep(3 * S), 0);
-        assert!(l.memory() <= 64 * 1024 * BYTES_PER_KEY, "{} bytes after the sweep", l.memory());
+        assert!(
+            l.memory() <= 64 * 1024 * BYTES_PER_KEY,
+            "{} bytes after the sweep",
+            l.memory()
+        );
     }
 
     #[test]
@@ -364,7 +384,9 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let l = l.clone();
-                std::thread::spawn(move || (0..1000).filter(|_| l.check_local(0, S).allowed).count())
+                std::thread::spawn(move || {
+                    (0..1000).filter(|_| l.check_local(0, S).allowed).count()
+                })
             })
             .collect();
         let total: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();

@@ -58,7 +58,11 @@ impl Route {
         };
         // The same route gets the same id on every instance (it keys the shared store).
         let route_id = crate::sticky::hash_value(
-            format!("{index}|{:?}|{}|{:?}", config.host, config.path_prefix, config.listener).as_bytes(),
+            format!(
+                "{index}|{:?}|{}|{:?}",
+                config.host, config.path_prefix, config.listener
+            )
+            .as_bytes(),
         );
         Some(Route {
             limiter: config

@@ -237,7 +237,12 @@ impl Shared {
             .clone()
             .ok_or_else(|| std::io::Error::other("shutting down"))?;
         let (stop, stop_rx) = watch::channel(false);
-        let max_requests = self.snapshot.load().config.server.max_requests_per_connection;
+        let max_requests = self
+            .snapshot
+            .load()
+            .config
+            .server
+            .max_requests_per_connection;
         let l = Listener::new(&config, socket, max_requests);
         tracing::info!(listener = %config.name, %addr, "listening");
         let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));

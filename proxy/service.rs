@@ -39,7 +39,12 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     let mut resp = respond(shared, conn, req).await;
     if let Some(max) = conn.max_requests {
         // The last request a connection may carry: tell the client, and hyper closes it.
-        if conn.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max {
+        if conn
+            .served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+            >= max
+        {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -117,10 +122,15 @@ async fn proxy(
         let ip = conn.peer.ip();
         let local = || l.check_local(l.key(ip, &parts.headers), crate::balance::ewma::now_ns());
         let decision = match (&shared.redis, l.config.global) {
-            (Some(store), true) => match l.check_global(store, &l.store_key(ip, &parts.headers)).await {
+            (Some(store), true) => match l
+                .check_global(store, &l.store_key(ip, &parts.headers))
+                .await
+            {
                 Ok(d) => d,
                 Err(e) => {
-                    shared.store_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared
+                        .store_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(error = %e, "rate-limit store unavailable: fallback applies");
                     if l.config.deny_on_store_error {
                         crate::ratelimit::Decision {

@@ -208,8 +208,14 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
 
     let redis = raw.redis.as_ref().and_then(|r| {
         let url = r.url.get_ref();
-        if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://")) {
-            v.err(&r.url, format!("redis.url: expected redis://host:port, got {url:?}"));
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix://"))
+        {
+            v.err(
+                &r.url,
+                format!("redis.url: expected redis://host:port, got {url:?}"),
+            );
             return None;
         }
         Some(RedisConfig {
@@ -219,7 +225,12 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
     });
     if redis.is_none() && raw.redis.is_none() {
         for r in &raw.routes {
-            if let Some(scope) = r.get_ref().rate_limit.as_ref().and_then(|rl| rl.get_ref().scope.as_ref()) {
+            if let Some(scope) = r
+                .get_ref()
+                .rate_limit
+                .as_ref()
+                .and_then(|rl| rl.get_ref().scope.as_ref())
+            {
                 if scope.get_ref() == "global" {
                     v.err(scope, "rate_limit.scope = \"global\" needs a [redis] table with the shared store's url");
                 }

@@ -36,6 +36,9 @@ pub struct Seen {
     pub status: std::sync::atomic::AtomicU16,
     /// TCP connections accepted.
     pub conns: AtomicUsize,
+    /// Requests being answered now, and the most ever at once.
+    pub active: AtomicUsize,
+    pub max_active: AtomicUsize,
     pub headers: Mutex<Vec<HeaderMap>>,
     /// Set when the backend has received the first chunk of an upload on `/upload-gated`.
     pub first_chunk: Arc<Notify>,
@@ -167,6 +170,9 @@ async fn answer(
 ) -> Response<TestBody> {
     seen.hits.fetch_add(1, Ordering::SeqCst);
     seen.headers.lock().unwrap().push(req.headers().clone());
+    let now = seen.active.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_active.fetch_max(now, Ordering::SeqCst);
+    let _active = ActiveGuard(seen);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -474,4 +480,12 @@ fn websocket_echo(mut req: Request<Incoming>, name: &str) -> Response<TestBody> 
 /// Raises this process's open-file limit (tests hold thousands of sockets).
 pub fn many_files() {
     let _ = rlimit::increase_nofile_limit(65_536);
+}
+
+struct ActiveGuard<'a>(&'a Seen);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
