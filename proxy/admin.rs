@@ -52,6 +52,19 @@ pub async fn run(socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Rece
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(token) = &shared.snapshot.load().config.admin.token {
+        if !authorized(req.headers(), token) {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "401 unauthorized: admin token required\n",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"fulcrum admin\""),
+            );
+            return r;
+        }
+    }
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
@@ -64,6 +77,24 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (Method::GET, ["status"]) => json(StatusCode::OK, &status(shared)),
+        (Method::GET, ["metrics"]) => {
+            let mut r = Response::new(Body::full(crate::metrics::render(shared)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (Method::GET, [""]) | (Method::GET, ["dashboard"]) => {
+            let mut r = Response::new(Body::full(Bytes::from_static(
+                crate::dashboard::HTML.as_bytes(),
+            )));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
         (Method::POST, ["reload"]) => match shared.reload().await {
             Ok(generation) => json(
                 StatusCode::OK,
@@ -196,6 +227,7 @@ fn backend_json(b: &Backend, draining: bool) -> serde_json::Value {
         "requests": s.requests.load(Ordering::Relaxed),
         "failures": s.failures.load(Ordering::Relaxed),
         "latency_ewma_ms": s.latency.cost(now_ns()) / 1e6,
+        "latency_ms": s.latency_window.percentiles(),
     })
 }
 
@@ -268,6 +300,36 @@ fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// `Authorization: Bearer TOKEN`, or Basic with TOKEN as the password (so a browser can open
+/// the dashboard). Compared in constant time.
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+    use base64::Engine;
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    if let Some(bearer) = value.strip_prefix("Bearer ") {
+        return constant_time_eq(bearer.trim().as_bytes(), token.as_bytes());
+    }
+    if let Some(basic) = value.strip_prefix("Basic ") {
+        if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic.trim()) {
+            let password = decoded.splitn(2, |&b| b == b':').nth(1).unwrap_or(&[]);
+            return constant_time_eq(password, token.as_bytes());
+        }
+    }
+    false
+}
+
+/// Equal bytes, in time that depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn json_error(status: StatusCode, message: impl Into<String>) -> Response<Body> {

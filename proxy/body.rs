@@ -19,6 +19,8 @@ pub enum Body {
     },
     /// A body fulcrum wrote (errors, admin answers).
     Full(Option<Bytes>),
+    /// Any body, counted for the access log; the line is written when this ends.
+    Logged(Box<Body>, Option<crate::accesslog::Entry>),
 }
 
 impl Body {
@@ -60,6 +62,21 @@ impl http_body::Body for Body {
                 r
             }
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Logged(inner, entry) => {
+                let r = Pin::new(inner.as_mut()).poll_frame(cx);
+                match &r {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let (Some(d), Some(e)) = (f.data_ref(), entry.as_mut()) {
+                            e.bytes += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                        entry.take();
+                    }
+                    Poll::Pending => {}
+                }
+                r
+            }
         }
     }
 
@@ -67,6 +84,7 @@ impl http_body::Body for Body {
         match self {
             Body::Stream { inner, .. } => inner.is_end_stream(),
             Body::Full(b) => b.is_none(),
+            Body::Logged(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -75,6 +93,7 @@ impl http_body::Body for Body {
             Body::Stream { inner, .. } => inner.size_hint(),
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Body::Logged(inner, _) => inner.size_hint(),
         }
     }
 }

@@ -5,15 +5,18 @@
 //! shared state and applies reloads; `admin` serves the operator's plane.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod ratelimit;
 pub mod reload;

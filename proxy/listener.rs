@@ -45,6 +45,8 @@ pub struct Listener {
     pub per_ip: Option<(u32, Arc<DashMap<IpAddr, u32>>)>,
     /// `max_requests_per_connection`.
     pub max_requests: Option<u64>,
+    /// `fulcrum_connections{listener}`.
+    pub connections: metrics::Gauge,
 }
 
 /// The answer to a connection over a cap, written straight to the socket.
@@ -78,6 +80,7 @@ impl Listener {
                 .max_connections_per_ip
                 .map(|n| (n, Arc::new(DashMap::new()))),
             max_requests,
+            connections: metrics::gauge!(crate::metrics::CONNECTIONS, "listener" => config.name.clone()),
         }
     }
 
@@ -158,8 +161,11 @@ impl Listener {
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
             let conn = graceful.watch(conn);
+            let connections = self.connections.clone();
+            connections.increment(1.0);
             tokio::spawn(async move {
                 let _places = places;
+                let _open = scopeguard_gauge(connections);
                 if let Err(e) = conn.await {
                     tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
                 }
@@ -167,6 +173,17 @@ impl Listener {
         }
         tracing::info!(listener = %self.name, "stopped accepting");
     }
+}
+
+/// Decrements a gauge when the connection's task ends, however it ends.
+fn scopeguard_gauge(g: metrics::Gauge) -> impl Drop {
+    struct Dec(metrics::Gauge);
+    impl Drop for Dec {
+        fn drop(&mut self) {
+            self.0.decrement(1.0);
+        }
+    }
+    Dec(g)
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

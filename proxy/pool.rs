@@ -90,6 +90,10 @@ pub struct BackendState {
     pub slots: Option<Arc<tokio::sync::Semaphore>>,
     /// When this backend first joined its pool (slow start ramps from here).
     pub joined: std::time::Instant,
+    /// Prometheus handles (none for backends made outside a snapshot, as in benches).
+    pub metrics: Option<crate::metrics::BackendMetrics>,
+    /// Latency percentiles over the last seconds, for status and the dashboard.
+    pub latency_window: crate::metrics::LatencyWindow,
     /// Peak-EWMA latency, for least_response_time and status.
     pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
@@ -102,6 +106,8 @@ impl BackendState {
         BackendState {
             latency: PeakEwma::new(initial_rtt, now_ns()),
             joined: std::time::Instant::now(),
+            metrics: None,
+            latency_window: Default::default(),
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -117,6 +123,12 @@ impl BackendState {
             draining: AtomicBool::new(false),
             client,
         }
+    }
+
+    /// Registers the backend's metric handles.
+    pub fn with_metrics(mut self, pool: &str, backend: &str) -> BackendState {
+        self.metrics = Some(crate::metrics::BackendMetrics::new(pool, backend));
+        self
     }
 
     /// Caps this backend at `n` requests at once (`max_connections_per_backend`).
@@ -458,6 +470,9 @@ impl Pool {
             }
         }
         s_count(&backend.state, t);
+        if let Some(m) = &backend.state.metrics {
+            m.health_transitions.increment(1);
+        }
         self.recount_healthy();
     }
 }
@@ -472,6 +487,9 @@ fn s_count(state: &BackendState, t: health::Transition) {
 
 fn log_breaker(pool: &str, b: &Backend, t: breaker::Transition) {
     b.state.breaker_transitions.fetch_add(1, Ordering::Relaxed);
+    if let Some(m) = &b.state.metrics {
+        m.breaker_transitions.increment(1);
+    }
     tracing::warn!(pool, backend = %b.addr, from = t.from.name(), to = t.to.name(), "circuit breaker");
 }
 

@@ -33,6 +33,7 @@ pub struct Route {
     pub target: Target,
     pub config: RouteConfig,
     pub limiter: Option<Arc<RateLimiter>>,
+    pub metrics: Arc<crate::metrics::RouteMetrics>,
 }
 
 impl Route {
@@ -64,7 +65,17 @@ impl Route {
             )
             .as_bytes(),
         );
+        let label = format!(
+            "{}{}",
+            match &config.host {
+                Some(HostMatch::Exact(h)) => h.clone(),
+                Some(HostMatch::Suffix(s)) => format!("*{s}"),
+                None => "*".to_string(),
+            },
+            config.path_prefix
+        );
         Some(Route {
+            metrics: Arc::new(crate::metrics::RouteMetrics::new(&label)),
             limiter: config
                 .rate_limit
                 .clone()

@@ -78,6 +78,7 @@ pub struct Shared {
     pub redis: Option<crate::ratelimit::RedisStore>,
     /// Rate-limit checks that found the store unavailable.
     pub store_errors: AtomicU64,
+    pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -269,6 +270,14 @@ fn spawn_check(
     let jitter = health::jitter_for(id.0, cfg.interval);
     let record_cfg = cfg.clone();
     let on_result = move |ok: bool| {
+        if let Some(m) = &state.metrics {
+            if ok {
+                &m.health_checks_ok
+            } else {
+                &m.health_checks_failed
+            }
+            .increment(1);
+        }
         let Some(t) = state.health.record(ok, true, &record_cfg) else {
             return;
         };
@@ -317,6 +326,14 @@ pub async fn start_with(
     config_path: Option<PathBuf>,
     resolver: Arc<dyn Resolver>,
 ) -> anyhow::Result<Running> {
+    crate::metrics::install();
+    let access_log = match &config.access_log {
+        Some(cfg) => Some(
+            crate::accesslog::AccessLog::start(cfg)
+                .with_context(|| format!("access_log: cannot open {}", cfg.path))?,
+        ),
+        None => None,
+    };
     let resolved = snapshot::resolve(&config, &*resolver, &Default::default(), true).await;
     let mut sockets = Vec::new();
     for l in &config.listeners {
@@ -356,6 +373,7 @@ pub async fn start_with(
         history: Mutex::new(VecDeque::new()),
         redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
         store_errors: AtomicU64::new(0),
+        access_log,
     });
     shared.sync_health_checks();
     for (cfg, socket) in sockets {

@@ -35,8 +35,95 @@ pub struct ConnInfo {
 }
 
 /// Serves one request; never fails (errors become fulcrum's own responses).
-pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    let mut resp = respond(shared, conn, req).await;
+/// What the proxy learned about a request, for metrics and the access log.
+#[derive(Default)]
+pub struct RequestCtx {
+    pub route: Option<Arc<crate::metrics::RouteMetrics>>,
+    pub pool: Option<Arc<str>>,
+    pub backend: Option<BackendId>,
+    pub upstream: Option<Duration>,
+}
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// A request id when the client sent none: 128 random-looking bits as hex.
+fn new_request_id() -> HeaderValue {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(crate::balance::random::mix64(
+            crate::balance::ewma::now_ns() ^ (&STATE as *const _ as u64),
+        ));
+    }
+    let (a, b) = STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        (
+            crate::balance::random::mix64(x),
+            crate::balance::random::mix64(!x),
+        )
+    });
+    HeaderValue::from_str(&format!("{a:016x}{b:016x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+pub async fn handle(
+    shared: &Shared,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = std::time::Instant::now();
+    // Every request carries an id to the backend and back (generated when absent).
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = new_request_id();
+            req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+    let log_fields = shared.access_log.as_ref().map(|log| {
+        let h = req.headers();
+        let text = |n: http::header::HeaderName| {
+            h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        (
+            log.clone(),
+            req.method().clone(),
+            req.uri()
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.to_string()),
+            req.version(),
+            text(header::USER_AGENT),
+            text(header::REFERER),
+        )
+    });
+    let mut ctx = RequestCtx::default();
+    let mut resp = respond(shared, conn, req, &mut ctx).await;
+    let status = resp.status().as_u16();
+    if let Some(route) = &ctx.route {
+        route.observe(status);
+    }
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let Some((log, method, path, version, user_agent, referer)) = log_fields {
+        let entry = crate::accesslog::Entry {
+            log,
+            started,
+            client: conn.peer.ip(),
+            listener: conn.listener.clone(),
+            method,
+            path,
+            version,
+            status,
+            bytes: 0,
+            pool: ctx.pool.clone(),
+            backend: ctx.backend.map(|b| b.to_string()),
+            upstream: ctx.upstream,
+            request_id: request_id.to_str().unwrap_or("").to_string(),
+            user_agent,
+            referer,
+        };
+        resp = resp.map(|b| Body::Logged(Box::new(b), Some(entry)));
+    }
     if let Some(max) = conn.max_requests {
         // The last request a connection may carry: tell the client, and hyper closes it.
         if conn
@@ -52,8 +139,13 @@ pub async fn handle(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) ->
     resp
 }
 
-async fn respond(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Response<Body> {
-    match proxy(shared, conn, req).await {
+async fn respond(
+    shared: &Shared,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    ctx: &mut RequestCtx,
+) -> Response<Body> {
+    match proxy(shared, conn, req, ctx).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.side() {
@@ -79,6 +171,7 @@ async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
+    ctx: &mut RequestCtx,
 ) -> Result<Response<Body>, ProxyError> {
     // An upgrade (WebSocket) keeps the client's connection to splice it after the 101.
     let upgrade = websocket::requested_upgrade(req.headers());
@@ -109,6 +202,7 @@ async fn proxy(
         let allowed = upgrade
             .as_ref()
             .is_some_and(|u| route.config.upgrades.iter().any(|a| a == u));
+        ctx.route = Some(route.metrics.clone());
         (
             route.pool().clone(),
             allowed,
@@ -116,6 +210,7 @@ async fn proxy(
             route.limiter.clone(),
         )
     };
+    ctx.pool = Some(pool.name.clone());
 
     // Rate limit before anything touches a backend.
     if let Some(l) = &limiter {
@@ -148,6 +243,9 @@ async fn proxy(
             _ => local(),
         };
         if !decision.allowed {
+            if let Some(r) = &ctx.route {
+                r.ratelimited.increment(1);
+            }
             return Err(ProxyError::RateLimited(decision));
         }
     }
@@ -222,6 +320,7 @@ async fn proxy(
             break;
         };
         tried[attempt] = backend.id;
+        ctx.backend = Some(backend.id);
 
         let uri = Uri::from_parts({
             let mut u = http::uri::Parts::default();
@@ -260,9 +359,14 @@ async fn proxy(
             .send(backend.addr, req, pool.config.timeout)
             .await;
         let elapsed = started.elapsed();
+        ctx.upstream = Some(elapsed);
+        backend.state.latency_window.record(elapsed);
         match result {
             Ok(mut resp) => {
                 let ok = !resp.status().is_server_error();
+                if let Some(m) = &backend.state.metrics {
+                    m.observe(resp.status().as_u16(), elapsed);
+                }
                 guard.record(elapsed, ok);
                 pool.observe(&backend, ok);
                 let retry = matches!(
@@ -321,6 +425,9 @@ async fn proxy(
             }
             Err(e) => {
                 guard.record(elapsed, false);
+                if let Some(m) = &backend.state.metrics {
+                    m.observe(e.status().as_u16(), elapsed);
+                }
                 pool.observe(&backend, false);
                 // Every request that gets here twice is idempotent and replayable, so a
                 // connection lost before the answer may be retried too; a timeout is not

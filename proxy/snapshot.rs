@@ -152,7 +152,8 @@ impl Snapshot {
                                     pc.health_check.initially_healthy || !pc.health_check.enabled,
                                 )
                                 .with_pool_load(load.clone())
-                                .with_slots(pc.max_connections_per_backend),
+                                .with_slots(pc.max_connections_per_backend)
+                                .with_metrics(name, &addr.to_string()),
                             )
                         }
                     };
