@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use support::*;
 
+/// A metric sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
 /// A strict reading of the Prometheus text format: every line is a comment (`# HELP`,
 /// `# TYPE` with a known type) or `name{label="value",...} number`. Returns the samples.
-fn parse_prometheus(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+fn parse_prometheus(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.is_empty() {
@@ -70,11 +73,7 @@ fn parse_prometheus(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
     out
 }
 
-fn sample(
-    samples: &[(String, Vec<(String, String)>, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|(n, l, _)| {
