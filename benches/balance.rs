@@ -57,7 +57,7 @@ fn pool(
                 .unwrap();
             let state = Arc::new(
                 BackendState::new(
-                    UpstreamClient::new(Duration::from_secs(1)),
+                    UpstreamClient::new(Duration::from_secs(1), addr, None),
                     Duration::from_millis(1 + (i % 7) as u64),
                     true,
                 )

@@ -166,8 +166,13 @@ pub struct HttpProbe {
 }
 
 impl HttpProbe {
-    pub fn new(client: crate::upstream::UpstreamClient, addr: SocketAddr, path: &str) -> HttpProbe {
-        let uri = format!("http://{addr}{path}")
+    pub fn new(
+        client: crate::upstream::UpstreamClient,
+        backend: &crate::pool::Backend,
+        path: &str,
+    ) -> HttpProbe {
+        let addr = backend.addr;
+        let uri = format!("{}://{}{path}", backend.scheme, backend.authority)
             .parse()
             .unwrap_or_else(|_| http::Uri::from_static("/"));
         HttpProbe { client, addr, uri }

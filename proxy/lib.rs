@@ -25,6 +25,7 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod sticky;
+pub mod tls;
 pub mod upstream;
 pub mod websocket;
 

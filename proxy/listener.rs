@@ -47,6 +47,12 @@ pub struct Listener {
     pub max_requests: Option<u64>,
     /// `fulcrum_connections{listener}`.
     pub connections: metrics::Gauge,
+    /// TLS termination, when the listener has `tls`.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// `fulcrum_tls_handshakes_total{listener, result}`: success, failure.
+    handshakes: (metrics::Counter, metrics::Counter),
+    /// `redirect_https`: answer 308 to https (with this port; 443 is left out).
+    pub redirect_https: Option<u16>,
 }
 
 /// The answer to a connection over a cap, written straight to the socket.
@@ -69,8 +75,17 @@ impl Listener {
         config: &ListenerConfig,
         socket: TcpListener,
         max_requests: Option<u64>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+        https_port: u16,
     ) -> Listener {
+        let name = config.name.clone();
         Listener {
+            tls,
+            handshakes: (
+                metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name.clone(), "result" => "success"),
+                metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name, "result" => "failure"),
+            ),
+            redirect_https: config.redirect_https.then_some(https_port),
             name: Arc::from(config.name.as_str()),
             socket,
             slots: config
@@ -147,31 +162,73 @@ impl Listener {
             let info = Arc::new(ConnInfo {
                 listener: self.name.clone(),
                 peer,
-                tls: false,
+                tls: self.tls.is_some(),
                 served: std::sync::atomic::AtomicU64::new(0),
                 max_requests: self.max_requests,
+                hsts: self.tls.as_ref().and_then(|t| t.hsts.clone()),
+                redirect_https: self.redirect_https,
             });
-            let shared = shared.clone();
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(service::handle(&shared, &info, req).await) }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
             let connections = self.connections.clone();
             connections.increment(1.0);
+            // One watcher per connection: the shutdown handle itself stays with the accept loop.
+            let (shared, builder, graceful) = (shared.clone(), builder.clone(), graceful.watcher());
+            let tls = self
+                .tls
+                .as_ref()
+                .map(|t| (t.acceptor(), self.handshakes.clone()));
             tokio::spawn(async move {
                 let _places = places;
                 let _open = scopeguard_gauge(connections);
-                if let Err(e) = conn.await {
-                    tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
+                match tls {
+                    None => serve(stream, info, shared, builder, graceful).await,
+                    Some((acceptor, (ok, failed))) => {
+                        // Bounded like a request head: a client that stalls the handshake goes.
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                ok.increment(1);
+                                serve(tls_stream, info, shared, builder, graceful).await
+                            }
+                            Ok(Err(e)) => {
+                                failed.increment(1);
+                                tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                failed.increment(1);
+                                tracing::debug!(client = %peer, "TLS handshake timed out");
+                            }
+                        }
+                    }
                 }
             });
         }
         tracing::info!(listener = %self.name, "stopped accepting");
+    }
+}
+
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves one client connection (plain or TLS) until it ends or shutdown drains it.
+async fn serve<I>(
+    io: I,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(service::handle(&shared, &info, req).await) }
+    });
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .into_owned();
+    if let Err(e) = graceful.watch(conn).await {
+        tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
     }
 }
 

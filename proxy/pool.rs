@@ -163,6 +163,7 @@ impl Backend {
             spec,
             weight,
             configured_weight: weight,
+            scheme: http::uri::Scheme::HTTP,
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
                 .expect("a socket address is a valid authority"),
             state,
@@ -180,8 +181,10 @@ pub struct Backend {
     /// The weight balancing uses now (below `configured_weight` during slow start).
     pub weight: u32,
     pub configured_weight: u32,
-    /// `http://addr`, prebuilt so a request only swaps in its path.
+    /// `addr` (or `host:port` for https backends), prebuilt so a request only swaps in its
+    /// path.
     pub authority: http::uri::Authority,
+    pub scheme: http::uri::Scheme,
     pub state: Arc<BackendState>,
 }
 

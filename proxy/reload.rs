@@ -198,10 +198,10 @@ impl Shared {
 
         let new_listeners = match &new_file {
             Some(_) => self
-                .bind_new_listeners(&next)
+                .prepare_listeners(&next)
                 .await
                 .map_err(ChangeError::Invalid)?,
-            None => Vec::new(),
+            None => Default::default(),
         };
         let resolved = snapshot::resolve(&next, &*self.resolver, &ctl.resolved, refresh).await;
         let revive: Vec<Arc<Backend>> = self

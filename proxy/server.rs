@@ -24,6 +24,7 @@ use crate::listener::{self, Listener};
 use crate::pool::{Backend, BackendId};
 use crate::reload::{self, Control};
 use crate::snapshot::{self, Resolver, Snapshot, SystemResolver};
+use crate::tls::TlsState;
 
 /// A backend taken out of its pool, finishing its in-flight requests.
 pub struct Drain {
@@ -36,6 +37,7 @@ pub struct Drain {
 pub struct ListenerHandle {
     pub config: ListenerConfig,
     pub addr: SocketAddr,
+    pub tls: Option<Arc<TlsState>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -162,47 +164,68 @@ impl Shared {
         }
     }
 
-    /// Binds the sockets of listeners that are new or moved in `config`, before anything is
-    /// swapped: a listener that cannot bind rejects the whole change.
-    pub(crate) async fn bind_new_listeners(
+    /// Prepares the listeners of `config` before anything is swapped: binds the sockets of
+    /// listeners that are new or moved, and loads the TLS files of every TLS listener. A
+    /// listener that cannot bind, or a certificate that does not load, rejects the change.
+    pub(crate) async fn prepare_listeners(
         &self,
         config: &Config,
-    ) -> Result<Vec<(ListenerConfig, TcpListener)>, Vec<String>> {
-        let running: Vec<(String, SocketAddr)> = lock(&self.listeners)
+    ) -> Result<ListenerPlan, Vec<String>> {
+        let running: Vec<(String, SocketAddr, Option<Arc<TlsState>>)> = lock(&self.listeners)
             .iter()
-            .map(|h| (h.config.name.clone(), h.config.listen))
+            .map(|h| (h.config.name.clone(), h.config.listen, h.tls.clone()))
             .collect();
-        let mut out = Vec::new();
+        let mut plan = ListenerPlan::default();
         let mut errors = Vec::new();
         for l in &config.listeners {
-            if running.contains(&(l.name.clone(), l.listen)) {
-                continue;
-            }
-            match TcpListener::bind(l.listen).await {
-                Ok(s) => out.push((l.clone(), s)),
-                Err(e) => errors.push(format!(
-                    "listener {:?}: cannot bind {}: {e}",
-                    l.name, l.listen
-                )),
+            let kept = running
+                .iter()
+                .find(|(n, a, _)| *n == l.name && *a == l.listen);
+            match (kept, &l.tls) {
+                (Some((_, _, Some(state))), Some(tls)) => match crate::tls::server_config(tls) {
+                    Ok(c) => plan.tls_swaps.push((state.clone(), c)),
+                    Err(e) => errors.push(format!("listener {:?}: {e}", l.name)),
+                },
+                (Some(_), _) => {}
+                (None, _) => {
+                    let tls = match l.tls.as_ref().map(TlsState::new).transpose() {
+                        Ok(t) => t,
+                        Err(e) => {
+                            errors.push(format!("listener {:?}: {e}", l.name));
+                            continue;
+                        }
+                    };
+                    match TcpListener::bind(l.listen).await {
+                        Ok(s) => plan.new.push((l.clone(), s, tls)),
+                        Err(e) => errors.push(format!(
+                            "listener {:?}: cannot bind {}: {e}",
+                            l.name, l.listen
+                        )),
+                    }
+                }
             }
         }
         if errors.is_empty() {
-            Ok(out)
+            Ok(plan)
         } else {
             Err(errors)
         }
     }
 
-    /// Starts the listeners bound by `bind_new_listeners`, then stops those `config` no
-    /// longer has (new sockets accept before old ones close; kept ones are untouched).
+    /// Starts the listeners `prepare_listeners` bound, swaps in reloaded certificates (new
+    /// handshakes use them; open connections keep theirs), then stops the listeners `config`
+    /// no longer has (new sockets accept before old ones close; kept ones are untouched).
     pub(crate) async fn commit_listeners(
         self: &Arc<Self>,
         config: &Config,
-        new: Vec<(ListenerConfig, TcpListener)>,
+        plan: ListenerPlan,
     ) -> (usize, usize) {
-        let added = new.len();
-        for (cfg, socket) in new {
-            if let Err(e) = self.spawn_listener(cfg, socket) {
+        for (state, c) in plan.tls_swaps {
+            state.config.store(c);
+        }
+        let added = plan.new.len();
+        for (cfg, socket, tls) in plan.new {
+            if let Err(e) = self.spawn_listener(cfg, socket, tls, https_port(config)) {
                 tracing::error!(error = %e, "listener failed to start");
             }
         }
@@ -232,6 +255,8 @@ impl Shared {
         self: &Arc<Self>,
         config: ListenerConfig,
         socket: TcpListener,
+        tls: Option<Arc<TlsState>>,
+        https_port: u16,
     ) -> std::io::Result<()> {
         let addr = socket.local_addr()?;
         let graceful = lock(&self.graceful)
@@ -244,17 +269,34 @@ impl Shared {
             .config
             .server
             .max_requests_per_connection;
-        let l = Listener::new(&config, socket, max_requests);
-        tracing::info!(listener = %config.name, %addr, "listening");
+        let l = Listener::new(&config, socket, max_requests, tls.clone(), https_port);
+        tracing::info!(listener = %config.name, %addr, tls = tls.is_some(), "listening");
         let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
         lock(&self.listeners).push(ListenerHandle {
             config,
             addr,
+            tls,
             stop,
             task,
         });
         Ok(())
     }
+}
+
+/// What a reload does to listeners, prepared before the swap.
+#[derive(Default)]
+pub(crate) struct ListenerPlan {
+    new: Vec<(ListenerConfig, TcpListener, Option<Arc<TlsState>>)>,
+    tls_swaps: Vec<(Arc<TlsState>, Arc<rustls::ServerConfig>)>,
+}
+
+/// Where `redirect_https` sends clients: the first TLS listener's port, else 443.
+fn https_port(config: &Config) -> u16 {
+    config
+        .listeners
+        .iter()
+        .find(|l| l.tls.is_some())
+        .map_or(443, |l| l.listen.port())
 }
 
 /// One backend's active check task. Results go to the backend's `Health`; a transition is
@@ -293,7 +335,7 @@ fn spawn_check(
     };
     match cfg.kind {
         HealthCheckKind::Http => {
-            let probe = health::HttpProbe::new(b.state.client.clone(), b.addr, &cfg.path);
+            let probe = health::HttpProbe::new(b.state.client.clone(), b, &cfg.path);
             tokio::spawn(health::run(probe, cfg, jitter, on_result))
         }
         HealthCheckKind::Tcp => tokio::spawn(health::run(
@@ -340,7 +382,13 @@ pub async fn start_with(
         let socket = TcpListener::bind(l.listen)
             .await
             .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.listen))?;
-        sockets.push((l.clone(), socket));
+        let tls = l
+            .tls
+            .as_ref()
+            .map(TlsState::new)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("listener {:?}: {e}", l.name))?;
+        sockets.push((l.clone(), socket, tls));
     }
     let admin_socket = TcpListener::bind(config.admin.listen)
         .await
@@ -376,8 +424,9 @@ pub async fn start_with(
         access_log,
     });
     shared.sync_health_checks();
-    for (cfg, socket) in sockets {
-        shared.spawn_listener(cfg, socket)?;
+    let port = https_port(&shared.snapshot.load().config);
+    for (cfg, socket, tls) in sockets {
+        shared.spawn_listener(cfg, socket, tls, port)?;
     }
     let (stop_admin, admin_rx) = watch::channel(false);
     tracing::info!(%admin, "admin listening");

@@ -32,6 +32,10 @@ pub struct ConnInfo {
     /// Requests served on this connection, and the cap (`max_requests_per_connection`).
     pub served: std::sync::atomic::AtomicU64,
     pub max_requests: Option<u64>,
+    /// `Strict-Transport-Security` for TLS listeners that set `hsts`.
+    pub hsts: Option<HeaderValue>,
+    /// `redirect_https`: the https port to send clients to.
+    pub redirect_https: Option<u16>,
 }
 
 /// Serves one request; never fails (errors become fulcrum's own responses).
@@ -97,7 +101,14 @@ pub async fn handle(
         )
     });
     let mut ctx = RequestCtx::default();
-    let mut resp = respond(shared, conn, req, &mut ctx).await;
+    let mut resp = match conn.redirect_https {
+        Some(port) => redirect_to_https(&req, port),
+        None => respond(shared, conn, req, &mut ctx).await,
+    };
+    if let Some(hsts) = &conn.hsts {
+        resp.headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
     let status = resp.status().as_u16();
     if let Some(route) = &ctx.route {
         route.observe(status);
@@ -135,6 +146,36 @@ pub async fn handle(
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+    }
+    resp
+}
+
+/// `308 Permanent Redirect` to the same URL over https.
+fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(req.uri().host())
+        .unwrap_or("localhost");
+    let host = if host.starts_with('[') {
+        host.rsplit_once("]:")
+            .map_or(host.to_string(), |(h, _)| format!("{h}]"))
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h).to_string()
+    };
+    let port = if port == 443 {
+        String::new()
+    } else {
+        format!(":{port}")
+    };
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut resp = Response::new(Body::full(Bytes::from_static(
+        b"308 permanent redirect to https\n",
+    )));
+    *resp.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
 }
@@ -324,7 +365,7 @@ async fn proxy(
 
         let uri = Uri::from_parts({
             let mut u = http::uri::Parts::default();
-            u.scheme = Some(http::uri::Scheme::HTTP);
+            u.scheme = Some(backend.scheme.clone());
             u.authority = Some(backend.authority.clone());
             u.path_and_query = Some(path.clone());
             u

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fulcrum_config::Config;
+use fulcrum_config::{Config, Scheme};
 
 use crate::balance::ewma::{now_ns, DEFAULT_RTT};
 use crate::pool::{Backend, BackendId, BackendState, Pool};
@@ -126,6 +126,21 @@ impl Snapshot {
                 .map(|p| p.load.clone())
                 .unwrap_or_default();
             let mut backends: Vec<Arc<Backend>> = Vec::new();
+            // One TLS client config per pool with https:// backends.
+            let upstream_tls = if pc.backends.iter().any(|b| b.scheme == Scheme::Https) {
+                match crate::tls::upstream_client_config(pc.ca.as_deref(), pc.client_cert.as_ref())
+                {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        tracing::error!(pool = %name, error = %e, "upstream TLS config unusable; using the system roots only");
+                        crate::tls::upstream_client_config(None, None)
+                            .ok()
+                            .map(Arc::new)
+                    }
+                }
+            } else {
+                None
+            };
             let mut fresh = Vec::new();
             for bc in &pc.backends {
                 let addrs = resolved
@@ -147,7 +162,13 @@ impl Snapshot {
                             fresh.push(backends.len());
                             Arc::new(
                                 BackendState::new(
-                                    UpstreamClient::new(pc.connect_timeout),
+                                    UpstreamClient::new(
+                                        pc.connect_timeout,
+                                        addr,
+                                        (bc.scheme == Scheme::Https)
+                                            .then(|| upstream_tls.clone())
+                                            .flatten(),
+                                    ),
                                     DEFAULT_RTT,
                                     pc.health_check.initially_healthy || !pc.health_check.enabled,
                                 )
@@ -171,6 +192,15 @@ impl Snapshot {
                     };
                     let mut backend = Backend::new(name, addr, bc.address.clone(), weight, state);
                     backend.configured_weight = bc.weight;
+                    if bc.scheme == Scheme::Https {
+                        // The host name stays in the URI: SNI and the certificate check use it.
+                        if let Ok(a) = http::uri::Authority::try_from(
+                            format!("{}:{}", bc.host, bc.port).as_str(),
+                        ) {
+                            backend.authority = a;
+                        }
+                        backend.scheme = http::uri::Scheme::HTTPS;
+                    }
                     backends.push(Arc::new(backend));
                 }
             }

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use std::sync::Arc;
+
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -18,17 +21,63 @@ use crate::error::ProxyError;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 const POOL_MAX_IDLE: usize = 1024;
 
+/// Resolves every name to the one address this client's backend has: the URI keeps the
+/// backend's host name (for TLS SNI and certificate checks) while the connection goes to
+/// the address the snapshot resolved.
+#[derive(Clone)]
+pub struct FixedResolver(SocketAddr);
+
+impl tower_service::Service<Name> for FixedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Name) -> Self::Future {
+        std::future::ready(Ok(vec![self.0].into_iter()))
+    }
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<FixedResolver>>;
+
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
 }
 
 impl UpstreamClient {
-    pub fn new(connect_timeout: Duration) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
+    /// A pooled client for the backend at `addr`; `tls` for `https://` backends.
+    pub fn new(
+        connect_timeout: Duration,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> UpstreamClient {
+        let mut http = HttpConnector::new_with_resolver(FixedResolver(addr));
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(connect_timeout));
+        http.enforce_http(false);
+        let tls = match tls {
+            Some(t) => (*t).clone(),
+            // Plain http: the TLS side is never used, but the connector type is one.
+            None => rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map(|b| {
+                    b.with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth()
+                })
+                .expect("ring supports the default versions"),
+        };
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)

@@ -380,6 +380,9 @@ pub struct PoolConfig {
     pub hash_balance_factor: Option<f64>,
     pub dynamic: bool,
     pub slow_start: Option<Duration>,
+    /// Upstream TLS: extra CA to trust, and a client certificate (mTLS to backends).
+    pub ca: Option<String>,
+    pub client_cert: Option<CertificateConfig>,
     /// Below this share of healthy backends (and above zero), balance over all of them.
     pub panic_threshold: u32,
     pub health_check: HealthCheckConfig,
@@ -403,6 +406,8 @@ impl PoolConfig {
             hash_balance_factor: None,
             dynamic: false,
             slow_start: None,
+            ca: None,
+            client_cert: None,
             panic_threshold: 50,
             health_check: HealthCheckConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),

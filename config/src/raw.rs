@@ -144,6 +144,11 @@ pub struct RawPool {
     #[serde(default)]
     pub dynamic: bool,
     pub slow_start: Option<S<String>>,
+    /// For `https://` backends: a CA file to trust (besides the system roots), and a client
+    /// certificate for mTLS to backends.
+    pub ca: Option<S<String>>,
+    pub client_cert: Option<S<String>>,
+    pub client_key: Option<S<String>>,
     pub panic_threshold: Option<S<i64>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,

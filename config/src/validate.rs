@@ -452,6 +452,22 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
         .as_ref()
         .map(|_| v.duration(&r.slow_start, "slow_start", Duration::ZERO));
 
+    pool.ca = r.ca.as_ref().map(|c| c.get_ref().clone());
+    pool.client_cert = match (&r.client_cert, &r.client_key) {
+        (Some(c), Some(k)) => Some(CertificateConfig {
+            cert: c.get_ref().clone(),
+            key: k.get_ref().clone(),
+        }),
+        (None, None) => None,
+        (Some(c), None) => {
+            v.err(c, "client_cert needs client_key too");
+            None
+        }
+        (None, Some(k)) => {
+            v.err(k, "client_key needs client_cert too");
+            None
+        }
+    };
     pool.panic_threshold = v.int(&r.panic_threshold, "panic_threshold", 0, 100, 50) as u32;
     if let Some(h) = &r.health_check {
         let d = HealthCheckConfig::default();
