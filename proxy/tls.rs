@@ -217,6 +217,7 @@ pub fn upstream_client_config(
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // hyper-rustls sets ALPN itself (http/1.1: fulcrum speaks HTTP/1.1 to backends).
+    config.alpn_protocols.clear();
     Ok(config)
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 /// Parses a duration string; the error says what was expected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
-        format!("invalid duration {text:?}: expected a number followed by ms, s, m or h (e.g. \"250ms\", \"5s\")")
+        format!("invalid duration {text:?}: expected a number followed by ms, s, m, h or d (e.g. \"250ms\", \"5s\")")
     };
     let t = text.trim();
     let split = t
@@ -21,9 +21,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         _ => return Err(bad()),
     };
-    if !secs.is_finite() || secs > 366.0 * 86400.0 {
+    if !secs.is_finite() || secs > 2.0 * 366.0 * 86400.0 {
         return Err(format!("invalid duration {text:?}: too long"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -40,6 +41,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("365d"), Ok(Duration::from_secs(365 * 86400)));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
     }
 
