@@ -18,6 +18,7 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod route;

@@ -53,6 +53,9 @@ pub struct Listener {
     handshakes: (metrics::Counter, metrics::Counter),
     /// `redirect_https`: answer 308 to https (with this port; 443 is left out).
     pub redirect_https: Option<u16>,
+    /// `proxy_protocol`, and whose PROXY header / X-Forwarded-For is believed.
+    pub proxy_protocol: bool,
+    pub trusted: Arc<[fulcrum_config::Cidr]>,
 }
 
 /// The answer to a connection over a cap, written straight to the socket.
@@ -80,6 +83,8 @@ impl Listener {
     ) -> Listener {
         let name = config.name.clone();
         Listener {
+            proxy_protocol: config.proxy_protocol,
+            trusted: config.trusted_proxies.clone().into(),
             tls,
             handshakes: (
                 metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name.clone(), "result" => "success"),
@@ -146,6 +151,12 @@ impl Listener {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let trusted_peer = self.trusted.iter().any(|c| c.contains(peer.ip()));
+            if self.proxy_protocol && !trusted_peer {
+                // A PROXY header is believed only from the L4 balancers we were told about.
+                tracing::debug!(listener = %self.name, client = %peer, "PROXY protocol from an untrusted peer: closed");
+                continue;
+            }
             let Some(places) = self.admit(peer.ip()) else {
                 tracing::debug!(listener = %self.name, client = %peer, "connection over the cap: refused");
                 tokio::spawn(async move {
@@ -159,7 +170,7 @@ impl Listener {
                 });
                 continue;
             };
-            let info = Arc::new(ConnInfo {
+            let mut info = ConnInfo {
                 listener: self.name.clone(),
                 peer,
                 tls: self.tls.is_some(),
@@ -167,7 +178,9 @@ impl Listener {
                 max_requests: self.max_requests,
                 hsts: self.tls.as_ref().and_then(|t| t.hsts.clone()),
                 redirect_https: self.redirect_https,
-            });
+                trusted: self.trusted.clone(),
+            };
+            let proxy_protocol = self.proxy_protocol;
             let connections = self.connections.clone();
             connections.increment(1.0);
             // One watcher per connection: the shutdown handle itself stays with the accept loop.
@@ -179,6 +192,24 @@ impl Listener {
             tokio::spawn(async move {
                 let _places = places;
                 let _open = scopeguard_gauge(connections);
+                let mut stream = stream;
+                if proxy_protocol {
+                    match tokio::time::timeout(
+                        HANDSHAKE_TIMEOUT,
+                        crate::proxy_protocol::read_header(&mut stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(Some(client))) => info.peer = client,
+                        Ok(Ok(None)) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "PROXY protocol header refused");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let info = Arc::new(info);
                 match tls {
                     None => serve(stream, info, shared, builder, graceful).await,
                     Some((acceptor, (ok, failed))) => {

@@ -36,6 +36,39 @@ pub struct ConnInfo {
     pub hsts: Option<HeaderValue>,
     /// `redirect_https`: the https port to send clients to.
     pub redirect_https: Option<u16>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted: Arc<[fulcrum_config::Cidr]>,
+}
+
+impl ConnInfo {
+    /// The client a request is from: the peer, or, when the peer is a trusted proxy, the
+    /// nearest `X-Forwarded-For` hop that is not itself trusted. It drives ip_hash, rate
+    /// limits and the access log.
+    pub fn client_ip(&self, headers: &http::HeaderMap) -> std::net::IpAddr {
+        let trusted = |ip: std::net::IpAddr| self.trusted.iter().any(|c| c.contains(ip));
+        let mut client = self.peer.ip();
+        if !trusted(client) {
+            return client;
+        }
+        let hops: Vec<&str> = headers
+            .get_all(&headers::X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        for hop in hops.iter().rev() {
+            match hop.trim().parse::<std::net::IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !trusted(ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        client
+    }
 }
 
 /// Serves one request; never fails (errors become fulcrum's own responses).
@@ -46,6 +79,7 @@ pub struct RequestCtx {
     pub pool: Option<Arc<str>>,
     pub backend: Option<BackendId>,
     pub upstream: Option<Duration>,
+    pub client: Option<std::net::IpAddr>,
 }
 
 static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -119,7 +153,7 @@ pub async fn handle(
         let entry = crate::accesslog::Entry {
             log,
             started,
-            client: conn.peer.ip(),
+            client: ctx.client.unwrap_or(conn.peer.ip()),
             listener: conn.listener.clone(),
             method,
             path,
@@ -252,10 +286,12 @@ async fn proxy(
         )
     };
     ctx.pool = Some(pool.name.clone());
+    let client = conn.client_ip(&parts.headers);
+    ctx.client = Some(client);
 
     // Rate limit before anything touches a backend.
     if let Some(l) = &limiter {
-        let ip = conn.peer.ip();
+        let ip = client;
         let local = || l.check_local(l.key(ip, &parts.headers), crate::balance::ewma::now_ns());
         let decision = match (&shared.redis, l.config.global) {
             (Some(store), true) => match l
@@ -355,7 +391,7 @@ async fn proxy(
             tokio::time::sleep(backoff(&pool, attempt)).await;
         }
         let Some((backend, set_cookie)) = pool
-            .pick(conn.peer.ip(), &parts.headers, &tried[..attempt])
+            .pick(client, &parts.headers, &tried[..attempt])
             .map(|p| (p.backend.clone(), p.set_cookie))
         else {
             break;
