@@ -57,7 +57,12 @@ fn pool(
                 .unwrap();
             let state = Arc::new(
                 BackendState::new(
-                    UpstreamClient::new(Duration::from_secs(1), addr, None),
+                    UpstreamClient::new(
+                        Duration::from_secs(1),
+                        addr,
+                        None,
+                        fulcrum::config::UpstreamProtocol::Http1,
+                    ),
                     Duration::from_millis(1 + (i % 7) as u64),
                     true,
                 )

@@ -41,10 +41,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             }
         }
     }
+    // `TE: trailers` is the one TE value that crosses hops (gRPC needs it).
+    let te_trailers = headers
+        .get(&header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in fixed_hop_by_hop() {
         if headers.contains_key(name) {
             headers.remove(name);
         }
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 

@@ -13,6 +13,7 @@ pub mod breaker;
 pub mod dashboard;
 pub mod demo;
 pub mod error;
+pub mod grpc;
 pub mod headers;
 pub mod health;
 pub mod listener;

@@ -338,6 +338,10 @@ fn spawn_check(
             let probe = health::HttpProbe::new(b.state.client.clone(), b, &cfg.path);
             tokio::spawn(health::run(probe, cfg, jitter, on_result))
         }
+        HealthCheckKind::Grpc => {
+            let probe = crate::grpc::GrpcProbe::new(b.state.client.clone(), b, &cfg.grpc_service);
+            tokio::spawn(health::run(probe, cfg, jitter, on_result))
+        }
         HealthCheckKind::Tcp => tokio::spawn(health::run(
             health::TcpProbe(b.addr),
             cfg,

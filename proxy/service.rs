@@ -220,6 +220,7 @@ async fn respond(
     req: Request<Incoming>,
     ctx: &mut RequestCtx,
 ) -> Response<Body> {
+    let grpc = crate::grpc::is_grpc(req.headers());
     match proxy(shared, conn, req, ctx).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -229,7 +230,11 @@ async fn respond(
                 }
                 _ => tracing::debug!(error = %e, client = %conn.peer, "request refused"),
             }
-            error_response(&e)
+            if grpc {
+                crate::grpc::error_response(&e)
+            } else {
+                error_response(&e)
+            }
         }
     }
 }
@@ -346,6 +351,9 @@ async fn proxy(
         _ => None,
     };
     parts.version = Version::HTTP_11;
+    // gRPC's own deadline caps the backend timeout.
+    let timeout = crate::grpc::timeout(&parts.headers)
+        .map_or(pool.config.timeout, |t| t.min(pool.config.timeout));
     let path = parts
         .uri
         .path_and_query()
@@ -415,7 +423,12 @@ async fn proxy(
         });
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
+        *req.version_mut() = match pool.config.protocol {
+            fulcrum_config::UpstreamProtocol::H2 | fulcrum_config::UpstreamProtocol::H2c => {
+                Version::HTTP_2
+            }
+            _ => Version::HTTP_11,
+        };
         *req.headers_mut() = if is_last {
             std::mem::take(&mut parts.headers)
         } else {
@@ -430,11 +443,7 @@ async fn proxy(
         let mut guard = InFlight::begin(&backend.state);
         guard.hold(permit);
         let started = std::time::Instant::now();
-        let result = backend
-            .state
-            .client
-            .send(backend.addr, req, pool.config.timeout)
-            .await;
+        let result = backend.state.client.send(backend.addr, req, timeout).await;
         let elapsed = started.elapsed();
         ctx.upstream = Some(elapsed);
         backend.state.latency_window.record(elapsed);

@@ -168,6 +168,7 @@ impl Snapshot {
                                         (bc.scheme == Scheme::Https)
                                             .then(|| upstream_tls.clone())
                                             .flatten(),
+                                        pc.protocol,
                                     ),
                                     DEFAULT_RTT,
                                     pc.health_check.initially_healthy || !pc.health_check.enabled,

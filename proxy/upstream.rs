@@ -14,6 +14,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::Body;
+use fulcrum_config::UpstreamProtocol;
+
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 4 << 20;
 use crate::error::ProxyError;
 
 /// How long an idle pooled connection is kept (below nginx's and HAProxy's defaults of
@@ -57,6 +61,7 @@ impl UpstreamClient {
         connect_timeout: Duration,
         addr: SocketAddr,
         tls: Option<Arc<rustls::ClientConfig>>,
+        protocol: UpstreamProtocol,
     ) -> UpstreamClient {
         let mut http = HttpConnector::new_with_resolver(FixedResolver(addr));
         http.set_nodelay(true);
@@ -73,16 +78,32 @@ impl UpstreamClient {
                 })
                 .expect("ring supports the default versions"),
         };
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
+            .https_or_http();
+        // ALPN offers what the pool speaks: h2 only, h2 then http/1.1 (auto), or http/1.1.
+        let connector = match protocol {
+            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+            UpstreamProtocol::H2 | UpstreamProtocol::H2c => {
+                builder.enable_http2().wrap_connector(http)
+            }
+            UpstreamProtocol::Auto => builder.enable_all_versions().wrap_connector(http),
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build(connector);
+            .timer(TokioTimer::new());
+        if matches!(protocol, UpstreamProtocol::H2 | UpstreamProtocol::H2c) {
+            // One connection carries many streams; windows sized for fast links, pings keep
+            // idle multiplexed connections honest.
+            b.http2_only(true)
+                .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+                .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .http2_keep_alive_while_idle(false);
+        }
+        let client = b.build(connector);
         UpstreamClient { client }
     }
 

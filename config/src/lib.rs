@@ -294,6 +294,19 @@ pub enum StickyBy {
 pub enum HealthCheckKind {
     Http,
     Tcp,
+    Grpc,
+}
+
+/// How fulcrum speaks to a pool's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 over TLS (`https://` backends).
+    H2,
+    /// HTTP/2 over cleartext, prior knowledge.
+    H2c,
+    /// ALPN on TLS backends (h2 preferred), HTTP/1.1 otherwise.
+    Auto,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -308,6 +321,8 @@ pub struct HealthCheckConfig {
     pub initially_healthy: bool,
     /// Passive detection: real traffic's failures feed the same state.
     pub passive: bool,
+    /// `type = "grpc"`: the service asked about.
+    pub grpc_service: String,
     /// Passive detection never marks more than this share of the pool unhealthy.
     pub max_ejection_percent: u32,
 }
@@ -324,6 +339,7 @@ impl Default for HealthCheckConfig {
             healthy_threshold: 2,
             initially_healthy: true,
             passive: true,
+            grpc_service: String::new(),
             max_ejection_percent: 50,
         }
     }
@@ -385,6 +401,7 @@ pub struct PoolConfig {
     pub client_cert: Option<CertificateConfig>,
     /// Below this share of healthy backends (and above zero), balance over all of them.
     pub panic_threshold: u32,
+    pub protocol: UpstreamProtocol,
     pub health_check: HealthCheckConfig,
     pub circuit_breaker: CircuitBreakerConfig,
     pub retry: RetryConfig,
@@ -409,6 +426,7 @@ impl PoolConfig {
             ca: None,
             client_cert: None,
             panic_threshold: 50,
+            protocol: UpstreamProtocol::Http1,
             health_check: HealthCheckConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             retry: RetryConfig::default(),

@@ -150,6 +150,7 @@ pub struct RawPool {
     pub client_cert: Option<S<String>>,
     pub client_key: Option<S<String>>,
     pub panic_threshold: Option<S<i64>>,
+    pub protocol: Option<S<String>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,
@@ -192,6 +193,8 @@ pub struct RawHealthCheck {
     pub initially: Option<S<String>>,
     pub max_ejection_percent: Option<S<i64>>,
     pub passive: Option<bool>,
+    /// For `type = "grpc"`: the service name asked about (empty: the server as a whole).
+    pub service: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -468,6 +468,23 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             None
         }
     };
+    if let Some(p) = &r.protocol {
+        pool.protocol = match p.get_ref().as_str() {
+            "http1" => UpstreamProtocol::Http1,
+            "h2" => UpstreamProtocol::H2,
+            "h2c" => UpstreamProtocol::H2c,
+            "auto" => UpstreamProtocol::Auto,
+            other => {
+                v.err(
+                    p,
+                    format!(
+                        "protocol: expected \"http1\", \"h2\", \"h2c\" or \"auto\", got {other:?}"
+                    ),
+                );
+                UpstreamProtocol::Http1
+            }
+        };
+    }
     pool.panic_threshold = v.int(&r.panic_threshold, "panic_threshold", 0, 100, 50) as u32;
     if let Some(h) = &r.health_check {
         let d = HealthCheckConfig::default();
@@ -477,11 +494,10 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             match k.get_ref().as_str() {
                 "http" => hc.kind = HealthCheckKind::Http,
                 "tcp" => hc.kind = HealthCheckKind::Tcp,
+                "grpc" => hc.kind = HealthCheckKind::Grpc,
                 other => v.err(
                     k,
-                    format!(
-                        "health_check.type: unknown type {other:?}: expected \"http\" or \"tcp\""
-                    ),
+                    format!("health_check.type: unknown type {other:?}: expected \"http\", \"tcp\" or \"grpc\""),
                 ),
             }
         }
@@ -509,6 +525,11 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             v.int(&h.unhealthy_threshold, "unhealthy_threshold", 1, 1000, 3) as u32;
         hc.healthy_threshold = v.int(&h.healthy_threshold, "healthy_threshold", 1, 1000, 2) as u32;
         hc.passive = h.passive.unwrap_or(true);
+        hc.grpc_service = h
+            .service
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_default();
         hc.max_ejection_percent =
             v.int(&h.max_ejection_percent, "max_ejection_percent", 0, 100, 50) as u32;
         if let Some(i) = &h.initially {

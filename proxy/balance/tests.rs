@@ -25,7 +25,12 @@ fn backend(i: usize, weight: u32) -> Arc<Backend> {
         .parse()
         .unwrap();
     let state = Arc::new(BackendState::new(
-        UpstreamClient::new(Duration::from_secs(1), "127.0.0.1:9".parse().unwrap(), None),
+        UpstreamClient::new(
+            Duration::from_secs(1),
+            "127.0.0.1:9".parse().unwrap(),
+            None,
+            fulcrum_config::UpstreamProtocol::Http1,
+        ),
         DEFAULT_RTT,
         true,
     ));

@@ -1,0 +1,286 @@
+//! HTTP/2 end to end and gRPC: a small hyper h2 gRPC backend (echo, server streaming,
+//! grpc.health.v1) behind fulcrum, reached over h2c and over TLS.
+
+mod support;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+
+type GrpcBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn frame(msg: &[u8]) -> Bytes {
+    let mut f = vec![0u8];
+    f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    f.extend_from_slice(msg);
+    Bytes::from(f)
+}
+
+fn with_trailers(frames: Vec<Bytes>, status: &str) -> GrpcBody {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", status.parse().unwrap());
+    let mut items: Vec<Result<Frame<Bytes>, Infallible>> =
+        frames.into_iter().map(|f| Ok(Frame::data(f))).collect();
+    items.push(Ok(Frame::trailers(trailers)));
+    StreamBody::new(stream::iter(items)).boxed()
+}
+
+/// An h2c gRPC server: `/echo.Echo/Unary` echoes, `/echo.Echo/Stream` answers three
+/// messages, the health service answers SERVING unless `serving` is false.
+async fn grpc_backend(name: &'static str, serving: Arc<AtomicBool>) -> SocketAddr {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = socket.accept().await else {
+                continue;
+            };
+            let serving = serving.clone();
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let serving = serving.clone();
+                async move {
+                    let path = req.uri().path().to_string();
+                    let te = req.headers().get("te").cloned();
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let out = match path.as_str() {
+                        "/echo.Echo/Unary" => with_trailers(vec![body], "0"),
+                        "/echo.Echo/Stream" => {
+                            with_trailers(vec![frame(b"one"), frame(b"two"), frame(b"three")], "0")
+                        }
+                        "/grpc.health.v1.Health/Check" => {
+                            let status = if serving.load(Ordering::SeqCst) {
+                                1u8
+                            } else {
+                                2
+                            };
+                            with_trailers(vec![frame(&[0x08, status])], "0")
+                        }
+                        _ => with_trailers(vec![], "12"),
+                    };
+                    let mut resp = Response::new(out);
+                    resp.headers_mut()
+                        .insert("content-type", "application/grpc".parse().unwrap());
+                    resp.headers_mut()
+                        .insert("x-backend", name.parse().unwrap());
+                    if let Some(te) = te {
+                        resp.headers_mut().insert("x-saw-te", te);
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn grpc_pool(backends: &[SocketAddr], extra: &str) -> String {
+    one_pool(
+        "round_robin",
+        &backends.iter().map(|a| (*a, 1)).collect::<Vec<_>>(),
+        &format!("protocol = \"h2c\"\n{extra}"),
+    )
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+async fn h2c(addr: SocketAddr) -> H2 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A gRPC call: (status, headers, data frames' bytes, trailers).
+async fn call_grpc(
+    send: &mut H2,
+    path: &str,
+    msg: &[u8],
+) -> (StatusCode, HeaderMap, Bytes, Option<HeaderMap>) {
+    let req = Request::post(format!("http://grpc.test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(frame(msg)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (parts.status, parts.headers, collected.to_bytes(), trailers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_and_server_streaming_calls_keep_their_trailers_over_h2c() {
+    let b = grpc_backend("g1", Arc::new(AtomicBool::new(true))).await;
+    let p = proxy(&grpc_pool(&[b], "")).await;
+    let mut send = h2c(p.running.addr("http")).await;
+    let (status, headers, body, trailers) =
+        call_grpc(&mut send, "/echo.Echo/Unary", b"hello").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, frame(b"hello"));
+    assert_eq!(trailers.expect("no trailers")["grpc-status"], "0");
+    assert_eq!(
+        headers["x-saw-te"], "trailers",
+        "TE: trailers did not reach the backend"
+    );
+
+    let (_, _, body, trailers) = call_grpc(&mut send, "/echo.Echo/Stream", b"").await;
+    let mut want = Vec::new();
+    for m in [&b"one"[..], b"two", b"three"] {
+        want.extend_from_slice(&frame(m));
+    }
+    assert_eq!(body, Bytes::from(want));
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_alpn_h2() {
+    let b = grpc_backend("g1", Arc::new(AtomicBool::new(true))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["grpc.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
+    let text = grpc_pool(&[b], "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\n[[routes]]",
+            dir.path().join("c.pem").display(),
+            dir.path().join("k.pem").display()
+        ),
+    );
+    let p = proxy(&text).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(p.running.addr("http"))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("grpc.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (status, _, body, trailers) = call_grpc(&mut send, "/echo.Echo/Unary", b"over tls").await;
+    assert_eq!((status, body), (StatusCode::OK, frame(b"over tls")));
+    assert_eq!(trailers.unwrap()["grpc-status"], "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connections_hundred_streams_are_balanced_per_request() {
+    let serving = Arc::new(AtomicBool::new(true));
+    let bs = [
+        grpc_backend("g1", serving.clone()).await,
+        grpc_backend("g2", serving.clone()).await,
+        grpc_backend("g3", serving.clone()).await,
+    ];
+    let p = proxy(&grpc_pool(&bs, "")).await;
+    let send = h2c(p.running.addr("http")).await;
+    let calls: Vec<_> = (0..100)
+        .map(|i| {
+            let mut s = send.clone();
+            tokio::spawn(async move {
+                let (_, headers, _, trailers) =
+                    call_grpc(&mut s, "/echo.Echo/Unary", format!("m{i}").as_bytes()).await;
+                assert_eq!(trailers.unwrap()["grpc-status"], "0");
+                headers["x-backend"].to_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for c in calls {
+        *count.entry(c.await.unwrap()).or_default() += 1;
+    }
+    eprintln!("100 streams on one connection: {count:?}");
+    for n in ["g1", "g2", "g3"] {
+        let c = count.get(n).copied().unwrap_or(0);
+        assert!((28..=38).contains(&c), "{n}: {c}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_backend_is_grpc_unavailable_not_http_503() {
+    let b = grpc_backend("g1", Arc::new(AtomicBool::new(true))).await;
+    let p = proxy(&grpc_pool(
+        &[b],
+        "health_check = { interval = \"1h\", initially = \"unhealthy\" }",
+    ))
+    .await;
+    let mut send = h2c(p.running.addr("http")).await;
+    let (status, headers, body, _) = call_grpc(&mut send, "/echo.Echo/Unary", b"x").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["grpc-status"], "14");
+    assert!(headers["grpc-message"]
+        .to_str()
+        .unwrap()
+        .contains("no%20healthy%20backend"));
+    assert!(body.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_check_marks_not_serving_unhealthy() {
+    let serving = Arc::new(AtomicBool::new(true));
+    let b = grpc_backend("g1", serving.clone()).await;
+    let p = proxy(&grpc_pool(
+        &[b],
+        "health_check = { type = \"grpc\", service = \"echo.Echo\", interval = \"100ms\", timeout = \"500ms\", unhealthy_threshold = 2, healthy_threshold = 1 }",
+    ))
+    .await;
+    let healthy = |s: serde_json::Value| s["pools"][0]["backends"][0]["healthy"] == true;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert!(
+        healthy(p.status().await),
+        "a SERVING backend was marked down"
+    );
+    serving.store(false, Ordering::SeqCst);
+    let t = Instant::now();
+    while healthy(p.status().await) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "NOT_SERVING never marked unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serving.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    while !healthy(p.status().await) {
+        assert!(t.elapsed() < Duration::from_secs(5), "never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
