@@ -121,27 +121,21 @@ impl GrpcProbe {
 /// The `status` of a HealthCheckResponse frame (field 1, varint); 0 when absent.
 pub fn serving_status(frame: &[u8]) -> Option<u64> {
     let msg = frame.get(5..)?;
-    let mut i = 0;
-    while i < msg.len() {
-        let key = msg[i];
-        i += 1;
-        if key == 0x08 {
-            let mut v = 0u64;
-            let mut shift = 0;
-            while i < msg.len() {
-                let b = msg[i];
-                i += 1;
-                v |= ((b & 0x7f) as u64) << shift;
-                if b & 0x80 == 0 {
-                    return Some(v);
-                }
-                shift += 7;
-            }
-            return None;
-        }
+    // An empty message is every field at its default: status 0 (UNKNOWN).
+    let Some((&key, rest)) = msg.split_first() else {
+        return Some(0);
+    };
+    if key != 0x08 {
         return None;
     }
-    Some(0)
+    let mut v = 0u64;
+    for (k, &b) in rest.iter().enumerate().take(10) {
+        v |= ((b & 0x7f) as u64) << (7 * k);
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 impl crate::health::Probe for GrpcProbe {
