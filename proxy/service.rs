@@ -268,7 +268,7 @@ async fn proxy(
 
     // One snapshot load; the pool is cloned out so nothing borrows the snapshot across an
     // await (a reload may swap it meanwhile; this request finishes on the pool it chose).
-    let (pool, upgrade_allowed, idle_timeout, limiter): (Arc<Pool>, bool, Duration, _) = {
+    let (mut pool, upgrade_allowed, idle_timeout, limiter): (Arc<Pool>, bool, Duration, _) = {
         let snap = shared.snapshot.load();
         let route = snap
             .router
@@ -398,10 +398,21 @@ async fn proxy(
             }
             tokio::time::sleep(backoff(&pool, attempt)).await;
         }
-        let Some((backend, set_cookie)) = pool
+        let mut picked = pool
             .pick(client, &parts.headers, &tried[..attempt])
-            .map(|p| (p.backend.clone(), p.set_cookie))
-        else {
+            .map(|p| (p.backend.clone(), p.set_cookie));
+        if picked.is_none() {
+            // A reload may have replaced this pool's members while the request was on its
+            // way (they are draining now): take the pool's current version and pick again.
+            let current = shared.snapshot.load().pools.get(&*pool.name).cloned();
+            if let Some(current) = current.filter(|c| !Arc::ptr_eq(c, &pool)) {
+                pool = current;
+                picked = pool
+                    .pick(client, &parts.headers, &tried[..attempt])
+                    .map(|p| (p.backend.clone(), p.set_cookie));
+            }
+        }
+        let Some((backend, set_cookie)) = picked else {
             break;
         };
         tried[attempt] = backend.id;
