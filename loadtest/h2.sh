@@ -27,7 +27,7 @@ error_log $OUT/nginx/error.log warn;
 events { worker_connections 16384; }
 http {
     access_log off;
-    http2_max_requests 1000000;
+    keepalive_requests 1000000;
     upstream b { server 127.0.0.1:9701; server 127.0.0.1:9702; keepalive 64; }
     server {
         listen 127.0.0.1:9781 http2 reuseport;
