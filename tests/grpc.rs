@@ -284,3 +284,29 @@ async fn grpc_health_check_marks_not_serving_unhealthy() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2load_with_100_streams_per_connection_completes_without_errors() {
+    let b = backend("plain").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let out = tokio::process::Command::new("h2load")
+        .args(["-n", "20000", "-c", "10", "-m", "100"])
+        .arg(format!("{}/", p.url))
+        .output()
+        .await
+        .expect("h2load is not installed (bash .ci/run installs nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("20000 succeeded, 0 failed, 0 errored"),
+        "{line}"
+    );
+    let codes = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap();
+    assert!(codes.starts_with("status codes: 20000 2xx"), "{codes}");
+}
