@@ -21,6 +21,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Any body, counted for the access log; the line is written when this ends.
     Logged(Box<Body>, Option<crate::accesslog::Entry>),
+    /// Compressed on the fly (`compress.rs`).
+    Compressed(std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>>),
 }
 
 impl Body {
@@ -62,6 +64,17 @@ impl http_body::Body for Body {
                 r
             }
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Compressed(stream) => match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                Poll::Ready(Some(Err(e))) => {
+                    // The backend's body failed mid-way: end here (the client sees a cut
+                    // stream, which the compression format lets it detect).
+                    tracing::debug!(error = %e, "compressed body ended early");
+                    Poll::Ready(None)
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
             Body::Logged(inner, entry) => {
                 let r = Pin::new(inner.as_mut()).poll_frame(cx);
                 match &r {
@@ -85,6 +98,7 @@ impl http_body::Body for Body {
             Body::Stream { inner, .. } => inner.is_end_stream(),
             Body::Full(b) => b.is_none(),
             Body::Logged(inner, _) => inner.is_end_stream(),
+            Body::Compressed(_) => false,
         }
     }
 
@@ -94,6 +108,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Logged(inner, _) => inner.size_hint(),
+            Body::Compressed(_) => SizeHint::default(),
         }
     }
 }

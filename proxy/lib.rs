@@ -10,6 +10,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod compress;
 pub mod dashboard;
 pub mod demo;
 pub mod error;

@@ -268,7 +268,13 @@ async fn proxy(
 
     // One snapshot load; the pool is cloned out so nothing borrows the snapshot across an
     // await (a reload may swap it meanwhile; this request finishes on the pool it chose).
-    let (mut pool, upgrade_allowed, idle_timeout, limiter): (Arc<Pool>, bool, Duration, _) = {
+    let (mut pool, upgrade_allowed, idle_timeout, limiter, compress_route): (
+        Arc<Pool>,
+        bool,
+        Duration,
+        _,
+        bool,
+    ) = {
         let snap = shared.snapshot.load();
         let route = snap
             .router
@@ -288,7 +294,18 @@ async fn proxy(
             allowed,
             snap.config.server.websocket_idle_timeout,
             route.limiter.clone(),
+            route.config.compression,
         )
+    };
+    // What compression needs from the request, kept before the headers go to the backend.
+    let compression = {
+        compress_route.then(|| {
+            let mut h = http::HeaderMap::new();
+            for v in parts.headers.get_all(header::ACCEPT_ENCODING) {
+                h.append(header::ACCEPT_ENCODING, v.clone());
+            }
+            (parts.method.clone(), h)
+        })
     };
     ctx.pool = Some(pool.name.clone());
     let client = conn.client_ip(&parts.headers);
@@ -515,6 +532,11 @@ async fn proxy(
                 }
                 let resp = Response::from_parts(rparts, Body::with_guard(rbody, guard));
                 if !retry {
+                    if let Some((method, accept)) = &compression {
+                        if let Some(enc) = crate::compress::choose(method, accept, &resp) {
+                            return Ok(crate::compress::compress(resp, enc));
+                        }
+                    }
                     return Ok(resp);
                 }
                 tracing::debug!(pool = %pool.name, backend = %backend.addr, attempt, "retrying after a 502/503");

@@ -180,6 +180,31 @@ async fn answer(
     if req.headers().contains_key("sec-websocket-key") && req.headers().contains_key("upgrade") {
         return websocket_echo(req, name);
     }
+    if let Some(n) = path.strip_prefix("/text/") {
+        // Compressible text: a repeating sentence, n bytes.
+        let text: String = "the quick brown fox jumps over the lazy dog. "
+            .chars()
+            .cycle()
+            .take(n.parse().unwrap())
+            .collect();
+        let mut r = Response::new(full(text));
+        r.headers_mut()
+            .insert("content-type", "text/plain; charset=utf-8".parse().unwrap());
+        return r;
+    }
+    if path == "/already-gzip" || path == "/image" {
+        let mut r = Response::new(full(vec![0x1fu8; 4096]));
+        if path == "/image" {
+            r.headers_mut()
+                .insert("content-type", "image/png".parse().unwrap());
+        } else {
+            r.headers_mut()
+                .insert("content-type", "text/plain".parse().unwrap());
+            r.headers_mut()
+                .insert("content-encoding", "gzip".parse().unwrap());
+        }
+        return r;
+    }
     let body = if path == "/stall" {
         std::future::pending::<()>().await;
         unreachable!()
