@@ -3,7 +3,9 @@
 //! One request flows `listener` → `service` (one `ArcSwap` snapshot load) → `route` →
 //! `pool` (a `balance` selector) → `upstream` → back through `body`. The `server` owns the
 //! shared state and applies reloads; `admin` serves the operator's plane.
-#![forbid(unsafe_code)]
+// Unsafe code is denied everywhere but in `upgrade::adopt` (taking ownership of a socket
+// received with SCM_RIGHTS), the one place the standard library leaves no safe way.
+#![deny(unsafe_code)]
 
 pub mod accesslog;
 pub mod admin;
@@ -29,8 +31,9 @@ pub mod service;
 pub mod snapshot;
 pub mod sticky;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod websocket;
 
 pub use fulcrum_config as config;
-pub use server::{start, start_with, Running, Shared};
+pub use server::{start, start_inherited, start_with, Running, Shared};

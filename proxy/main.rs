@@ -32,6 +32,9 @@ enum Command {
     Run,
     /// Validate the config file given by -c: prints `ok`, or every error as PATH:LINE:COL: message.
     Check,
+    /// Zero-downtime upgrade: take the listening sockets of the fulcrum running with the same
+    /// config (over its `[server] upgrade_socket`), serve, and let the old one drain and exit.
+    Upgrade,
     /// Run the embedded demo: three backends on loopback, the proxy on 127.0.0.1:8080,
     /// the admin API on 127.0.0.1:9090.
     Demo,
@@ -65,13 +68,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Upgrade => {
+            let Some(path) = cli.config else {
+                eprintln!("fulcrum upgrade: give the config file with -c PATH");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(config) => run(config, Some(&path), Mode::Upgrade),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run => {
             let Some(path) = cli.config else {
                 eprintln!("fulcrum: give the config file with -c PATH (or try `fulcrum demo`)");
                 return ExitCode::from(2);
             };
             match Config::load(&path) {
-                Ok(config) => run(config, Some(&path), false),
+                Ok(config) => run(config, Some(&path), Mode::Run),
                 Err(errors) => {
                     eprintln!("{errors}");
                     ExitCode::from(1)
@@ -104,7 +120,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Demo => match Config::parse(fulcrum::demo::DEMO_CONFIG, "<demo>") {
-            Ok(config) => run(config, None, true),
+            Ok(config) => run(config, None, Mode::Demo),
             Err(errors) => {
                 eprintln!("{errors}");
                 ExitCode::from(1)
@@ -113,7 +129,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config, path: Option<&Path>, demo: bool) -> ExitCode {
+#[derive(PartialEq)]
+enum Mode {
+    Run,
+    Demo,
+    Upgrade,
+}
+
+fn run(config: Config, path: Option<&Path>, mode: Mode) -> ExitCode {
+    let demo = mode == Mode::Demo;
     init_logging();
     raise_open_file_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -135,7 +159,28 @@ fn run(config: Config, path: Option<&Path>, demo: bool) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        let running = match fulcrum::start(config, path.map(Path::to_path_buf)).await {
+        // An upgrade takes the running process's sockets instead of binding its own.
+        let mut handover = None;
+        let mut inherited = std::collections::HashMap::new();
+        if mode == Mode::Upgrade {
+            let Some(socket) = config.server.upgrade_socket.clone() else {
+                tracing::error!("fulcrum upgrade needs [server] upgrade_socket in the config");
+                return ExitCode::from(1);
+            };
+            match fulcrum::upgrade::receive(Path::new(&socket)) {
+                Ok((stream, sockets)) => {
+                    tracing::info!(sockets = sockets.len(), "upgrade: took over the running process's sockets");
+                    handover = Some(stream);
+                    inherited = sockets;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, socket, "upgrade: cannot reach the running fulcrum");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let resolver = std::sync::Arc::new(fulcrum::snapshot::SystemResolver);
+        let running = match fulcrum::start_inherited(config, path.map(Path::to_path_buf), resolver, inherited).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("{e:#}");
@@ -148,6 +193,11 @@ fn run(config: Config, path: Option<&Path>, demo: bool) -> ExitCode {
                 running.addr("http"),
                 running.admin
             );
+        }
+        if let Some(stream) = handover {
+            if let Err(e) = fulcrum::upgrade::confirm(stream) {
+                tracing::warn!(error = %e, "upgrade: could not confirm to the old process");
+            }
         }
         wait_for_signals(&running).await;
         running.shutdown().await;
@@ -169,6 +219,7 @@ async fn wait_for_signals(running: &fulcrum::Running) {
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); return; }
+            _ = running.shared.upgraded.notified() => { return; }
             _ = int.recv() => { tracing::info!("SIGINT received"); return; }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP received: reloading");

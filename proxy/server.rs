@@ -37,6 +37,8 @@ pub struct Drain {
 pub struct ListenerHandle {
     pub config: ListenerConfig,
     pub addr: SocketAddr,
+    /// The listening socket, for a binary upgrade's hand-over (valid while `task` runs).
+    pub fd: std::os::fd::RawFd,
     pub tls: Option<Arc<TlsState>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -81,6 +83,9 @@ pub struct Shared {
     /// Rate-limit checks that found the store unavailable.
     pub store_errors: AtomicU64,
     pub access_log: Option<Arc<crate::accesslog::AccessLog>>,
+    /// Set when a new binary took the sockets over: this process drains and exits.
+    pub upgraded: tokio::sync::Notify,
+    admin_fd: std::sync::OnceLock<std::os::fd::RawFd>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -98,6 +103,18 @@ impl Shared {
 
     pub fn drains_lock(&self) -> std::sync::MutexGuard<'_, Vec<Drain>> {
         lock(&self.drains)
+    }
+
+    /// Every listening socket with its name (and the admin socket), for a hand-over.
+    pub fn handover_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        let mut v: Vec<_> = lock(&self.listeners)
+            .iter()
+            .map(|h| (h.config.name.clone(), h.fd))
+            .collect();
+        if let Some(fd) = self.admin_fd.get() {
+            v.push((crate::upgrade::ADMIN.to_string(), *fd));
+        }
+        v
     }
 
     /// `(name, bound address)` of every listener.
@@ -259,6 +276,7 @@ impl Shared {
         https_port: u16,
     ) -> std::io::Result<()> {
         let addr = socket.local_addr()?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
         let graceful = lock(&self.graceful)
             .clone()
             .ok_or_else(|| std::io::Error::other("shutting down"))?;
@@ -275,6 +293,7 @@ impl Shared {
         lock(&self.listeners).push(ListenerHandle {
             config,
             addr,
+            fd,
             tls,
             stop,
             task,
@@ -282,6 +301,10 @@ impl Shared {
         Ok(())
     }
 }
+
+/// How long a draining process keeps answering on open keep-alive connections (with
+/// `Connection: close`) before it closes the idle ones.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
 /// What a reload does to listeners, prepared before the swap.
 #[derive(Default)]
@@ -372,6 +395,28 @@ pub async fn start_with(
     config_path: Option<PathBuf>,
     resolver: Arc<dyn Resolver>,
 ) -> anyhow::Result<Running> {
+    start_inherited(config, config_path, resolver, HashMap::new()).await
+}
+
+/// [`start`] on sockets handed over by a running fulcrum (binary upgrade): a listener whose
+/// name is in `inherited` (and whose port matches) serves on that socket instead of binding.
+pub async fn start_inherited(
+    config: Config,
+    config_path: Option<PathBuf>,
+    resolver: Arc<dyn Resolver>,
+    mut inherited: HashMap<String, std::net::TcpListener>,
+) -> anyhow::Result<Running> {
+    let mut take = |name: &str, want: SocketAddr| -> Option<TcpListener> {
+        let l = inherited.remove(name)?;
+        let addr = l.local_addr().ok()?;
+        let fits = (want.port() == 0 || want.port() == addr.port())
+            && (want.ip().is_unspecified() || want.ip() == addr.ip());
+        if fits {
+            TcpListener::from_std(l).ok()
+        } else {
+            None
+        }
+    };
     crate::metrics::install();
     let access_log = match &config.access_log {
         Some(cfg) => Some(
@@ -383,9 +428,12 @@ pub async fn start_with(
     let resolved = snapshot::resolve(&config, &*resolver, &Default::default(), true).await;
     let mut sockets = Vec::new();
     for l in &config.listeners {
-        let socket = TcpListener::bind(l.listen)
-            .await
-            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.listen))?;
+        let socket = match take(&l.name, l.listen) {
+            Some(s) => s,
+            None => TcpListener::bind(l.listen)
+                .await
+                .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.listen))?,
+        };
         let tls = l
             .tls
             .as_ref()
@@ -394,14 +442,18 @@ pub async fn start_with(
             .map_err(|e| anyhow::anyhow!("listener {:?}: {e}", l.name))?;
         sockets.push((l.clone(), socket, tls));
     }
-    let admin_socket = TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin: cannot bind {}", config.admin.listen))?;
+    let admin_socket = match take(crate::upgrade::ADMIN, config.admin.listen) {
+        Some(s) => s,
+        None => TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin: cannot bind {}", config.admin.listen))?,
+    };
     let admin = admin_socket.local_addr()?;
 
     let builder = listener::http_builder(&config.server);
     let watch_config = config.server.watch_config;
     let redis = config.redis.clone();
+    let upgrade_socket = config.server.upgrade_socket.clone();
     let control = Control {
         file: config.clone(),
         resolved: resolved.clone(),
@@ -426,7 +478,12 @@ pub async fn start_with(
         redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
         store_errors: AtomicU64::new(0),
         access_log,
+        upgraded: tokio::sync::Notify::new(),
+        admin_fd: std::sync::OnceLock::new(),
     });
+    let _ = shared
+        .admin_fd
+        .set(std::os::fd::AsRawFd::as_raw_fd(&admin_socket));
     shared.sync_health_checks();
     let port = https_port(&shared.snapshot.load().config);
     for (cfg, socket, tls) in sockets {
@@ -441,6 +498,10 @@ pub async fn start_with(
     ))];
     background.push(reload::spawn_resolve_loop(&shared));
     background.push(crate::ratelimit::spawn_sweeper(&shared));
+    if let Some(path) = &upgrade_socket {
+        crate::upgrade::serve(std::path::Path::new(path), &shared)
+            .with_context(|| format!("upgrade_socket: cannot listen on {path}"))?;
+    }
     if let (true, Some(path)) = (watch_config, &config_path) {
         match reload::spawn_file_watch(&shared, path.clone()) {
             Ok(task) => background.push(task),
@@ -485,6 +546,9 @@ impl Running {
         }
         // Every accept loop has ended and dropped its handle, so this is the last one.
         let deadline = tokio::time::Instant::now() + drain_timeout;
+        // A short grace first: busy keep-alive connections get `Connection: close` on their
+        // next answer and leave cleanly; only the idle rest is closed by the shutdown below.
+        tokio::time::sleep(SHUTDOWN_GRACE.min(drain_timeout)).await;
         let graceful = lock(&shared.graceful).take();
         let mut clean = match graceful.map(Arc::try_unwrap) {
             Some(Ok(graceful)) => tokio::time::timeout_at(deadline, graceful.shutdown())

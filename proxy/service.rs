@@ -139,6 +139,12 @@ pub async fn handle(
         Some(port) => redirect_to_https(&req, port),
         None => respond(shared, conn, req, &mut ctx).await,
     };
+    // Draining (shutdown or upgrade): every answer closes its connection, so keep-alive
+    // clients leave cleanly instead of racing the close of an idle connection.
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if let Some(hsts) = &conn.hsts {
         resp.headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     pub watch_config: bool,
     pub resolve_interval: Duration,
     pub websocket_idle_timeout: Duration,
+    /// Unix socket on which a running fulcrum hands its listening sockets to `fulcrum
+    /// upgrade` (zero-downtime binary upgrade); none: upgrades are off.
+    pub upgrade_socket: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +71,7 @@ impl Default for ServerConfig {
             watch_config: false,
             resolve_interval: Duration::from_secs(5),
             websocket_idle_timeout: Duration::from_secs(3600),
+            upgrade_socket: None,
         }
     }
 }

@@ -43,6 +43,7 @@ pub struct RawServer {
     pub watch_config: Option<bool>,
     pub resolve_interval: Option<S<String>>,
     pub websocket_idle_timeout: Option<S<String>>,
+    pub upgrade_socket: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -284,6 +284,7 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
             .map(|n| n as u64),
         watch_config: s.watch_config.unwrap_or(d.watch_config),
         resolve_interval: v.duration(&s.resolve_interval, "resolve_interval", d.resolve_interval),
+        upgrade_socket: s.upgrade_socket.as_ref().map(|p| p.get_ref().clone()),
         websocket_idle_timeout: v.duration(
             &s.websocket_idle_timeout,
             "websocket_idle_timeout",
