@@ -98,6 +98,10 @@ pub struct BackendState {
     pub latency: PeakEwma,
     /// Keep-alive connections to this backend.
     pub client: UpstreamClient,
+    /// HTTP/2 upstreams: more clients (each its own connection), used in turn as the
+    /// streams in flight pass multiples of the per-connection cap.
+    pub more_clients: Vec<UpstreamClient>,
+    pub streams_per_connection: u64,
 }
 
 impl BackendState {
@@ -120,6 +124,8 @@ impl BackendState {
             close_sessions: tokio::sync::watch::channel(false).0,
             pool_load: Arc::new(AtomicU64::new(0)),
             slots: None,
+            more_clients: Vec::new(),
+            streams_per_connection: u64::MAX,
             draining: AtomicBool::new(false),
             client,
         }
@@ -129,6 +135,27 @@ impl BackendState {
     pub fn with_metrics(mut self, pool: &str, backend: &str) -> BackendState {
         self.metrics = Some(crate::metrics::BackendMetrics::new(pool, backend));
         self
+    }
+
+    /// HTTP/2: up to `connections` connections of `streams` streams each.
+    pub fn with_h2_connections(mut self, more: Vec<UpstreamClient>, streams: u32) -> BackendState {
+        self.more_clients = more;
+        self.streams_per_connection = streams.max(1) as u64;
+        self
+    }
+
+    /// The client (so the connection) a new request goes on: the first until its streams
+    /// reach the cap, then the next, and so on (the last takes the overflow).
+    pub fn client_for_next(&self) -> &UpstreamClient {
+        if self.more_clients.is_empty() {
+            return &self.client;
+        }
+        let n = (self.in_flight.load(Ordering::Relaxed).saturating_sub(1)
+            / self.streams_per_connection) as usize;
+        match n {
+            0 => &self.client,
+            n => &self.more_clients[(n - 1).min(self.more_clients.len() - 1)],
+        }
     }
 
     /// Caps this backend at `n` requests at once (`max_connections_per_backend`).

@@ -477,7 +477,11 @@ async fn proxy(
         let mut guard = InFlight::begin(&backend.state);
         guard.hold(permit);
         let started = std::time::Instant::now();
-        let result = backend.state.client.send(backend.addr, req, timeout).await;
+        let result = backend
+            .state
+            .client_for_next()
+            .send(backend.addr, req, timeout)
+            .await;
         let elapsed = started.elapsed();
         ctx.upstream = Some(elapsed);
         backend.state.latency_window.record(elapsed);

@@ -9,7 +9,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fulcrum_config::{Config, Scheme};
+use fulcrum_config::{Config, Scheme, UpstreamProtocol};
+
+/// HTTP/2 backends: connections opened beyond the first as streams pass the cap.
+const H2_EXTRA_CONNECTIONS: usize = 15;
 
 use crate::balance::ewma::{now_ns, DEFAULT_RTT};
 use crate::pool::{Backend, BackendId, BackendState, Pool};
@@ -175,7 +178,26 @@ impl Snapshot {
                                 )
                                 .with_pool_load(load.clone())
                                 .with_slots(pc.max_connections_per_backend)
-                                .with_metrics(name, &addr.to_string()),
+                                .with_metrics(name, &addr.to_string())
+                                .with_h2_connections(
+                                    match pc.protocol {
+                                        UpstreamProtocol::H2 | UpstreamProtocol::H2c => (0
+                                            ..H2_EXTRA_CONNECTIONS)
+                                            .map(|_| {
+                                                UpstreamClient::new(
+                                                    pc.connect_timeout,
+                                                    addr,
+                                                    (bc.scheme == Scheme::Https)
+                                                        .then(|| upstream_tls.clone())
+                                                        .flatten(),
+                                                    pc.protocol,
+                                                )
+                                            })
+                                            .collect(),
+                                        _ => Vec::new(),
+                                    },
+                                    pc.max_concurrent_streams,
+                                ),
                             )
                         }
                     };

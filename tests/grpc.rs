@@ -310,3 +310,48 @@ async fn h2load_with_100_streams_per_connection_completes_without_errors() {
         .unwrap();
     assert!(codes.starts_with("status codes: 20000 2xx"), "{codes}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_open_a_connection_per_hundred_streams_upstream() {
+    many_files();
+    // An h2c backend that answers after 300 ms and counts its connections.
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = socket.accept().await else {
+                continue;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, Infallible>(Response::new(with_trailers(vec![frame(b"ok")], "0")))
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_concurrent_streams(1000)
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let p = proxy(&grpc_pool(&[addr], "max_concurrent_streams = 100")).await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let send = h2c(p.running.addr("http")).await;
+        for _ in 0..200 {
+            let mut s = send.clone();
+            calls.push(tokio::spawn(async move {
+                call_grpc(&mut s, "/echo.Echo/Unary", b"x").await.0
+            }));
+        }
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), StatusCode::OK);
+    }
+    let n = conns.load(Ordering::SeqCst);
+    eprintln!("1,000 concurrent streams used {n} upstream connections (cap 100 streams each)");
+    assert!((8..=16).contains(&n), "{n} upstream connections");
+}

@@ -406,6 +406,8 @@ pub struct PoolConfig {
     /// Below this share of healthy backends (and above zero), balance over all of them.
     pub panic_threshold: u32,
     pub protocol: UpstreamProtocol,
+    /// HTTP/2 upstreams: streams per connection before another connection is opened.
+    pub max_concurrent_streams: u32,
     pub health_check: HealthCheckConfig,
     pub circuit_breaker: CircuitBreakerConfig,
     pub retry: RetryConfig,
@@ -431,6 +433,7 @@ impl PoolConfig {
             client_cert: None,
             panic_threshold: 50,
             protocol: UpstreamProtocol::Http1,
+            max_concurrent_streams: 100,
             health_check: HealthCheckConfig::default(),
             circuit_breaker: CircuitBreakerConfig::default(),
             retry: RetryConfig::default(),

@@ -152,6 +152,7 @@ pub struct RawPool {
     pub client_key: Option<S<String>>,
     pub panic_threshold: Option<S<i64>>,
     pub protocol: Option<S<String>>,
+    pub max_concurrent_streams: Option<S<i64>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,

@@ -486,6 +486,13 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             }
         };
     }
+    pool.max_concurrent_streams = v.int(
+        &r.max_concurrent_streams,
+        "max_concurrent_streams",
+        1,
+        1_000_000,
+        100,
+    ) as u32;
     pool.panic_threshold = v.int(&r.panic_threshold, "panic_threshold", 0, 100, 50) as u32;
     if let Some(h) = &r.health_check {
         let d = HealthCheckConfig::default();
