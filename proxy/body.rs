@@ -21,6 +21,8 @@ pub enum Body {
     Full(Option<Bytes>),
     /// Any body, counted for the access log; the line is written when this ends.
     Logged(Box<Body>, Option<crate::accesslog::Entry>),
+    /// Bytes already read, then the rest of a streamed body.
+    Prefixed(Option<Bytes>, Incoming),
     /// Compressed on the fly (`compress.rs`).
     Compressed(std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>>),
 }
@@ -64,6 +66,10 @@ impl http_body::Body for Body {
                 r
             }
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Prefixed(prefix, inner) => match prefix.take() {
+                Some(b) if !b.is_empty() => Poll::Ready(Some(Ok(Frame::data(b)))),
+                _ => Pin::new(inner).poll_frame(cx),
+            },
             Body::Compressed(stream) => match stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 Poll::Ready(Some(Err(e))) => {
@@ -99,6 +105,9 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Logged(inner, _) => inner.is_end_stream(),
             Body::Compressed(_) => false,
+            Body::Prefixed(prefix, inner) => {
+                prefix.as_ref().is_none_or(|b| b.is_empty()) && inner.is_end_stream()
+            }
         }
     }
 
@@ -108,7 +117,7 @@ impl http_body::Body for Body {
             Body::Full(None) => SizeHint::with_exact(0),
             Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Body::Logged(inner, _) => inner.size_hint(),
-            Body::Compressed(_) => SizeHint::default(),
+            Body::Compressed(_) | Body::Prefixed(..) => SizeHint::default(),
         }
     }
 }

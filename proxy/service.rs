@@ -384,15 +384,18 @@ async fn proxy(
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     // Can this request be sent twice? Idempotent, and its body (if any) small enough to keep.
-    let retries = if idempotent(&parts.method) {
+    // gRPC calls (POSTs) are retried only on the statuses the pool lists in `retry_on`.
+    let grpc_retry =
+        crate::grpc::is_grpc(&parts.headers) && !pool.config.retry.grpc_retry_on.is_empty();
+    let retries = if idempotent(&parts.method) || grpc_retry {
         pool.config.retry.attempts
     } else {
         0
     };
-    let mut stream_body = None;
+    let mut stream_body: Option<Body> = None;
     let mut replay: Option<Bytes> = None;
     if retries == 0 {
-        stream_body = Some(body);
+        stream_body = Some(Body::stream(body));
     } else if http_body::Body::is_end_stream(&body) {
         replay = Some(Bytes::new());
     } else if http_body::Body::size_hint(&body)
@@ -405,8 +408,33 @@ async fn proxy(
             .map_err(|_| ProxyError::BadRequest("request body ended early"))?
             .to_bytes();
         replay = Some(bytes);
+    } else if grpc_retry {
+        // gRPC clients rarely send a length: read up to the limit; a call that ends within
+        // it can be replayed, a longer one streams on with what was read in front.
+        let mut body = body;
+        let mut buf = bytes::BytesMut::new();
+        let mut complete = false;
+        while buf.len() <= REPLAY_LIMIT as usize {
+            match body.frame().await {
+                None => {
+                    complete = true;
+                    break;
+                }
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        buf.extend_from_slice(&d);
+                    }
+                }
+                Some(Err(_)) => return Err(ProxyError::BadRequest("request body ended early")),
+            }
+        }
+        if complete {
+            replay = Some(buf.freeze());
+        } else {
+            stream_body = Some(Body::Prefixed(Some(buf.freeze()), body));
+        }
     } else {
-        stream_body = Some(body);
+        stream_body = Some(Body::stream(body));
     }
     let max_attempts = if replay.is_some() { 1 + retries } else { 1 };
     pool.retry_budget.deposit();
@@ -452,7 +480,7 @@ async fn proxy(
         let is_last = attempt + 1 == max_attempts as usize;
         let mut req = Request::new(match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
-            (None, Some(b)) => Body::stream(b),
+            (None, Some(b)) => b,
             (None, None) => Body::empty(),
         });
         *req.method_mut() = parts.method.clone();
@@ -493,10 +521,17 @@ async fn proxy(
                 }
                 guard.record(elapsed, ok);
                 pool.observe(&backend, ok);
-                let retry = matches!(
+                let grpc_failed = grpc_retry
+                    && resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<u8>().ok())
+                        .is_some_and(|c| pool.config.retry.grpc_retry_on.contains(&c));
+                let retry = (matches!(
                     resp.status(),
                     StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                ) && !is_last;
+                ) || grpc_failed)
+                    && !is_last;
                 let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
                 if switching && client_upgrade.is_none() {
                     // A 101 nobody asked for (or the route does not allow): refuse it.

@@ -53,6 +53,21 @@ async fn grpc_backend(name: &'static str, serving: Arc<AtomicBool>) -> SocketAdd
                     let path = req.uri().path().to_string();
                     let te = req.headers().get("te").cloned();
                     let body = req.into_body().collect().await.unwrap().to_bytes();
+                    if path == "/echo.Echo/Unary" && !serving.load(Ordering::SeqCst) {
+                        // Trailers-only UNAVAILABLE, as a server shedding load answers.
+                        let mut resp: Response<GrpcBody> = Response::new(
+                            http_body_util::Empty::new()
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("grpc-status", "14".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("x-backend", name.parse().unwrap());
+                        return Ok::<_, Infallible>(resp);
+                    }
                     let out = match path.as_str() {
                         "/echo.Echo/Unary" => with_trailers(vec![body], "0"),
                         "/echo.Echo/Stream" => {
@@ -354,4 +369,30 @@ async fn a_thousand_streams_open_a_connection_per_hundred_streams_upstream() {
     let n = conns.load(Ordering::SeqCst);
     eprintln!("1,000 concurrent streams used {n} upstream connections (cap 100 streams each)");
     assert!((8..=16).contains(&n), "{n} upstream connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_retried_only_on_the_statuses_listed_in_retry_on() {
+    let shedding = grpc_backend("shedding", Arc::new(AtomicBool::new(false))).await;
+    let fine = grpc_backend("fine", Arc::new(AtomicBool::new(true))).await;
+    for (retry_on, all_ok) in [("retry = { attempts = 2, backoff = \"1ms\", budget_percent = 100, retry_on = [\"unavailable\"] }", true), ("", false)] {
+        let p = proxy(&grpc_pool(&[shedding, fine], &format!("{retry_on}\ncircuit_breaker = {{ enabled = false }}"))).await;
+        let mut send = h2c(p.running.addr("http")).await;
+        let mut unavailable = 0;
+        for i in 0..20 {
+            let (status, headers, body, trailers) = call_grpc(&mut send, "/echo.Echo/Unary", format!("m{i}").as_bytes()).await;
+            assert_eq!(status, StatusCode::OK);
+            let code = headers.get("grpc-status").or(trailers.as_ref().and_then(|t| t.get("grpc-status"))).unwrap().clone();
+            if code == "14" {
+                unavailable += 1;
+            } else {
+                assert_eq!(body, frame(format!("m{i}").as_bytes()), "the retried call lost its message");
+            }
+        }
+        if all_ok {
+            assert_eq!(unavailable, 0, "retry_on = unavailable should hide the shedding backend");
+        } else {
+            assert!(unavailable >= 5, "without retry_on gRPC calls must not be retried ({unavailable})");
+        }
+    }
 }

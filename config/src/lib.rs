@@ -373,6 +373,9 @@ pub struct RetryConfig {
     pub attempts: u32,
     pub backoff: Duration,
     pub budget_percent: u32,
+    /// gRPC status codes after which a gRPC call is retried on another backend
+    /// (`retry_on = ["unavailable"]`); gRPC calls are not retried otherwise.
+    pub grpc_retry_on: Vec<u8>,
 }
 
 impl Default for RetryConfig {
@@ -381,6 +384,7 @@ impl Default for RetryConfig {
             attempts: 2,
             backoff: Duration::from_millis(25),
             budget_percent: 20,
+            grpc_retry_on: Vec::new(),
         }
     }
 }

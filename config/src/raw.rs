@@ -214,4 +214,5 @@ pub struct RawRetry {
     pub attempts: Option<S<i64>>,
     pub backoff: Option<S<String>>,
     pub budget_percent: Option<S<i64>>,
+    pub retry_on: Option<Vec<S<String>>>,
 }

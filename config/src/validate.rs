@@ -569,6 +569,22 @@ fn pool(v: &mut Validator, name: &Spanned<String>, p: &Spanned<RawPool>) -> Opti
             attempts: v.int(&rt.attempts, "retry.attempts", 0, 10, 2) as u32,
             backoff: v.duration(&rt.backoff, "retry.backoff", d.backoff),
             budget_percent: v.int(&rt.budget_percent, "retry.budget_percent", 0, 100, 20) as u32,
+            grpc_retry_on: rt
+                .retry_on
+                .iter()
+                .flatten()
+                .filter_map(|c| match c.get_ref().as_str() {
+                    "cancelled" => Some(1),
+                    "deadline_exceeded" => Some(4),
+                    "resource_exhausted" => Some(8),
+                    "internal" => Some(13),
+                    "unavailable" => Some(14),
+                    other => {
+                        v.err(c, format!("retry.retry_on: unknown gRPC status {other:?}: expected cancelled, deadline_exceeded, resource_exhausted, internal or unavailable"));
+                        None
+                    }
+                })
+                .collect(),
         };
     }
     Some(pool)
