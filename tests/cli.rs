@@ -99,14 +99,6 @@ fn run_with_invalid_config_exits_1_with_the_same_messages() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_ready(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

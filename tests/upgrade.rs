@@ -13,14 +13,6 @@ use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_load_fails_no_request_and_the_old_process_exits() {
     let b = backend("app").spawn().await;

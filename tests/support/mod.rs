@@ -514,3 +514,12 @@ impl Drop for ActiveGuard<'_> {
         self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// A port that was free a moment ago (for the binary, which binds its own).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
