@@ -4,11 +4,9 @@ mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use http::StatusCode;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn edge_config(backends: &[&TestBackend], listener_extra: &str, algorithm: &str) -> String {
     one_pool(
@@ -24,14 +22,18 @@ fn edge_config(backends: &[&TestBackend], listener_extra: &str, algorithm: &str)
 
 /// Sends `prefix` then a GET over one raw connection; returns what came back.
 async fn raw_request(addr: SocketAddr, prefix: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(prefix).await.unwrap();
-    let _ = s
-        .write_all(b"GET / HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    raw_exchange(
+        addr,
+        &[
+            prefix,
+            b"GET / HTTP/1.1
+Host: edge.test
+Connection: close
+
+",
+        ],
+    )
+    .await
 }
 
 fn body_of(resp: &str) -> &str {

@@ -9,7 +9,6 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop() {
@@ -224,21 +223,13 @@ async fn refused_backend_is_502_and_stalled_backend_is_504() {
     assert_eq!(get(&p.url, &[]).await.2, "slow");
 }
 
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn malformed_and_oversized_requests_are_refused_and_the_proxy_keeps_serving() {
     let b = backend("a").spawn().await;
     let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
     let addr = p.running.addr("http");
 
-    let answer = raw(addr, b"GARBAGE\x01 / NOT-HTTP\r\n\r\n").await;
+    let answer = raw_exchange(addr, &[b"GARBAGE\x01 / NOT-HTTP\r\n\r\n"]).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
 
     let mut big = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
@@ -246,7 +237,7 @@ async fn malformed_and_oversized_requests_are_refused_and_the_proxy_keeps_servin
         big.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "v".repeat(40)).as_bytes());
     }
     big.extend_from_slice(b"\r\n");
-    let answer = raw(addr, &big).await;
+    let answer = raw_exchange(addr, &[&big]).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
     assert_eq!(b.hits(), 0, "a bad request reached the backend");

@@ -523,3 +523,18 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Writes `chunks` to a fresh connection to `addr` (stopping at the first the peer refuses)
+/// and returns everything read back until it closes (at most 5 s).
+pub async fn raw_exchange(addr: SocketAddr, chunks: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for chunk in chunks {
+        if s.write_all(chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
