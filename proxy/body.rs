@@ -8,12 +8,16 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::upstream::UpstreamBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 use crate::pool::InFlight;
 
 pub enum Body {
     /// Streamed from the other side, never buffered whole.
     Stream {
-        inner: Incoming,
+        inner: UpstreamBody,
         /// Keeps the backend's in-flight count up until the last byte (or the body is dropped).
         guard: Option<InFlight>,
     },
@@ -38,10 +42,13 @@ impl Body {
     }
 
     pub fn stream(inner: Incoming) -> Body {
-        Body::Stream { inner, guard: None }
+        Body::Stream {
+            inner: UpstreamBody::Hyper(inner),
+            guard: None,
+        }
     }
 
-    pub fn with_guard(inner: Incoming, guard: InFlight) -> Body {
+    pub fn with_guard(inner: UpstreamBody, guard: InFlight) -> Body {
         Body::Stream {
             inner,
             guard: Some(guard),
@@ -51,12 +58,12 @@ impl Body {
 
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Body::Stream { inner, guard } => {
                 let r = Pin::new(inner).poll_frame(cx);
@@ -68,7 +75,9 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Prefixed(prefix, inner) => match prefix.take() {
                 Some(b) if !b.is_empty() => Poll::Ready(Some(Ok(Frame::data(b)))),
-                _ => Pin::new(inner).poll_frame(cx),
+                _ => Pin::new(inner)
+                    .poll_frame(cx)
+                    .map(|o| o.map(|r| r.map_err(Into::into))),
             },
             Body::Compressed(stream) => match stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),

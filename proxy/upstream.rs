@@ -1,5 +1,10 @@
 //! Talking to backends: one pooled keep-alive client per backend (it lives in the backend's
 //! `BackendState`, so connections survive reloads), with connect and response timeouts.
+//! Plain-http HTTP/1.1 backends take fulcrum's own client (`h1`) for requests whose body
+//! is in memory; everything else (streamed uploads, upgrades, HTTP/2, TLS) goes through
+//! hyper-util's pooled client.
+
+pub mod h1;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,6 +58,47 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector<FixedResolver>>;
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, Body>,
+    /// fulcrum's own HTTP/1.1 client, for plain-http HTTP/1 backends.
+    h1: Option<Arc<h1::H1Pool>>,
+}
+
+/// A backend's response body, from whichever client carried the request.
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    H1(h1::H1Body),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(Into::into))),
+            UpstreamBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -63,6 +109,16 @@ impl UpstreamClient {
         tls: Option<Arc<rustls::ClientConfig>>,
         protocol: UpstreamProtocol,
     ) -> UpstreamClient {
+        let h1 = (tls.is_none()
+            && matches!(protocol, UpstreamProtocol::Http1 | UpstreamProtocol::Auto))
+        .then(|| {
+            Arc::new(h1::H1Pool::new(
+                addr,
+                connect_timeout,
+                POOL_IDLE_TIMEOUT,
+                POOL_MAX_IDLE,
+            ))
+        });
         let mut http = HttpConnector::new_with_resolver(FixedResolver(addr));
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
@@ -104,7 +160,7 @@ impl UpstreamClient {
                 .http2_keep_alive_while_idle(false);
         }
         let client = b.build(connector);
-        UpstreamClient { client }
+        UpstreamClient { client, h1 }
     }
 
     /// Sends `req` (its URI already absolute, pointing at `backend`) and waits at most
@@ -114,10 +170,22 @@ impl UpstreamClient {
         backend: SocketAddr,
         req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        if let Some(h1) = &self.h1 {
+            if !req.headers().contains_key(http::header::UPGRADE) {
+                if let Body::Full(bytes) = req.body() {
+                    let bytes = bytes.clone();
+                    let (parts, _) = req.into_parts();
+                    return match tokio::time::timeout(timeout, h1.send(&parts, bytes)).await {
+                        Err(_) => Err(ProxyError::Timeout { backend, timeout }),
+                        Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
+                    };
+                }
+            }
+        }
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout { backend, timeout }),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::Hyper)),
             Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect {
                 backend,
                 source: Box::new(e),

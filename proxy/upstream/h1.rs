@@ -1,0 +1,879 @@
+//! fulcrum's own HTTP/1.1 client for plain-http keep-alive backends, the hot path of a
+//! proxy: HAProxy, nginx and Pingora all speak HTTP/1 to backends with their own code too.
+//!
+//! hyper-util's pooled client costs, per request, a pool lock keyed by host, a channel hop
+//! to a connection task, a oneshot back, and the wake-ups between those tasks. Here a request
+//! takes an idle connection off the backend's LIFO stack (the warmest socket), writes its head
+//! and small body in one `write`, reads the answer with `httparse` on the request's own task,
+//! and hands the connection back the moment the body has been read — for the small answers
+//! that dominate, before the response even leaves `send`.
+//!
+//! Only requests whose body is already in memory (or absent) and that ask for no upgrade come
+//! here; streamed uploads, WebSocket, HTTP/2 and TLS backends stay on hyper-util.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::ProxyError;
+
+/// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// Read size: one loopback segment burst; bodies stream in pieces of at most this.
+const READ_CHUNK: usize = 16 * 1024;
+/// Request bodies up to this size travel in the same `write` as the head.
+const COALESCE: usize = 16 * 1024;
+/// A chunk-size line longer than this is not HTTP.
+const MAX_CHUNK_LINE: usize = 4096;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One keep-alive connection to a backend, with its buffers (kept across requests).
+pub struct Conn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// A backend's idle connections, most recently used on top.
+pub struct H1Pool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<Vec<Idle>>,
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// Why an exchange failed: `Stale` means nothing came back on a reused connection (the
+/// backend had closed it while idle), so the request may go again on a fresh one.
+enum Failure {
+    Stale(io::Error),
+    Failed(BoxError),
+}
+
+impl H1Pool {
+    pub fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> H1Pool {
+        H1Pool {
+            addr,
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Idle connections held now (for tests and status).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map_or(0, |v| v.len())
+    }
+
+    fn checkout(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let found = {
+            let mut idle = self.idle.lock().ok()?;
+            loop {
+                match idle.pop() {
+                    None => break None,
+                    Some(i) if now.saturating_duration_since(i.since) < self.idle_timeout => {
+                        break Some(i.conn)
+                    }
+                    // The top is the newest: anything under an expired one is older still.
+                    Some(i) => {
+                        expired.push(i);
+                        expired.append(&mut idle);
+                        break None;
+                    }
+                }
+            }
+        };
+        drop(expired); // closes outside the lock
+        found
+    }
+
+    fn checkin(&self, conn: Conn) {
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, ProxyError> {
+        let connect = |source: BoxError| ProxyError::Connect {
+            backend: self.addr,
+            source,
+        };
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+                Err(_) => return Err(connect("connect timed out".into())),
+                Ok(Err(e)) => return Err(connect(Box::new(e))),
+                Ok(Ok(s)) => s,
+            };
+        stream.set_nodelay(true).map_err(|e| connect(Box::new(e)))?;
+        Ok(Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// Sends one request (head in `parts`, whole body in `body`) and reads the response
+    /// head; the body follows as the returned response's body.
+    pub async fn send(
+        self: &Arc<Self>,
+        parts: &Parts,
+        body: Option<Bytes>,
+    ) -> Result<Response<H1Body>, ProxyError> {
+        let head_request = parts.method == Method::HEAD;
+        let body_len = body.as_ref().map_or(0, |b| b.len());
+        // A reused connection the backend closed while idle: once more on a fresh one (the
+        // backend never saw the request). A fresh connection's failure is the answer.
+        for reuse in [true, false] {
+            let (mut conn, reused) = match reuse.then(|| self.checkout()).flatten() {
+                Some(c) if !idempotent(&parts.method) && !still_open(&c) => continue,
+                Some(c) => (c, true),
+                None => (self.connect().await?, false),
+            };
+            encode_head(&mut conn.wbuf, parts, body_len);
+            match exchange(&mut conn, body.as_ref(), head_request).await {
+                Ok((resp, framing, keep_alive)) => {
+                    return Ok(self.finish(conn, resp, framing, keep_alive));
+                }
+                Err(Failure::Stale(e)) if reused => {
+                    tracing::debug!(backend = %self.addr, error = %e, "idle connection was closed by the backend; reconnecting");
+                }
+                Err(Failure::Stale(e)) => return Err(self.upstream(Box::new(e))),
+                Err(Failure::Failed(e)) => return Err(self.upstream(e)),
+            }
+        }
+        Err(self.upstream("no connection".into()))
+    }
+
+    fn upstream(&self, source: BoxError) -> ProxyError {
+        ProxyError::Upstream {
+            backend: self.addr,
+            source,
+        }
+    }
+
+    /// The response with its body: read whole already (the connection goes back at once),
+    /// or streamed from the connection, which goes back when the body ends.
+    fn finish(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        resp: Response<()>,
+        framing: Framing,
+        keep_alive: bool,
+    ) -> Response<H1Body> {
+        let body = match framing {
+            Framing::Empty => {
+                if keep_alive && conn.rbuf.is_empty() {
+                    self.checkin(conn);
+                }
+                H1Body::Full(None)
+            }
+            Framing::Length(n) if conn.rbuf.len() as u64 >= n => {
+                let bytes = conn.rbuf.split_to(n as usize).freeze();
+                if keep_alive && conn.rbuf.is_empty() {
+                    self.checkin(conn);
+                }
+                H1Body::Full((!bytes.is_empty()).then_some(bytes))
+            }
+            _ => H1Body::Stream(Box::new(Streaming {
+                conn: Some(conn),
+                pool: self.clone(),
+                state: match framing {
+                    Framing::Length(n) => State::Length(n),
+                    Framing::Chunked => State::ChunkSize,
+                    _ => State::UntilClose,
+                },
+                keep_alive: keep_alive && framing != Framing::Close,
+            })),
+        };
+        resp.map(|()| body)
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// For requests that must not go twice: is the idle connection still open (no FIN, no
+/// stray bytes)? One non-blocking read.
+fn still_open(conn: &Conn) -> bool {
+    let mut b = [0u8; 1];
+    matches!(conn.stream.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Writes the request head: request line, the headers as they are (hop-by-hop ones were
+/// removed by the caller), `Host` if missing, and the body's length.
+fn encode_head(buf: &mut Vec<u8>, parts: &Parts, body_len: usize) {
+    use std::io::Write;
+    buf.clear();
+    buf.extend_from_slice(parts.method.as_str().as_bytes());
+    buf.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    buf.extend_from_slice(target.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut has_host = false;
+    let mut had_length = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            had_length = true;
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        has_host |= name == header::HOST;
+        buf.extend_from_slice(name.as_str().as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        if let Some(a) = parts.uri.authority() {
+            buf.extend_from_slice(b"host: ");
+            buf.extend_from_slice(a.as_str().as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+    }
+    let body_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+    if body_len > 0 || had_length || body_method {
+        let _ = write!(buf, "content-length: {body_len}\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Writes the request and reads the response head (skipping `1xx` interim answers).
+async fn exchange(
+    conn: &mut Conn,
+    body: Option<&Bytes>,
+    head_request: bool,
+) -> Result<(Response<()>, Framing, bool), Failure> {
+    let wrote = match body {
+        Some(b) if b.len() <= COALESCE => {
+            conn.wbuf.extend_from_slice(b);
+            conn.stream.write_all(&conn.wbuf).await
+        }
+        Some(b) => match conn.stream.write_all(&conn.wbuf).await {
+            Ok(()) => conn.stream.write_all(b).await,
+            Err(e) => Err(e),
+        },
+        None => conn.stream.write_all(&conn.wbuf).await,
+    };
+    wrote.map_err(Failure::Stale)?;
+    conn.rbuf.clear();
+    let mut received = false;
+    loop {
+        if !conn.rbuf.is_empty() {
+            received = true;
+            if let Some(parsed) = parse_head(&mut conn.rbuf, head_request)? {
+                return Ok(parsed);
+            }
+            if conn.rbuf.len() > MAX_HEAD {
+                return Err(Failure::Failed("response head too large".into()));
+            }
+        }
+        conn.rbuf.reserve(READ_CHUNK);
+        match conn.stream.read_buf(&mut conn.rbuf).await {
+            Ok(0) if !received => {
+                return Err(Failure::Stale(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before the response",
+                )))
+            }
+            Ok(0) => {
+                return Err(Failure::Failed(
+                    "connection closed in the middle of the response head".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if !received => return Err(Failure::Stale(e)),
+            Err(e) => return Err(Failure::Failed(Box::new(e))),
+        }
+    }
+}
+
+/// Parses a complete head off the front of `buf`: `None` if more bytes are needed. Interim
+/// `1xx` answers are dropped (the loop reads on).
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<(Response<()>, Framing, bool)>, Failure> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let n = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(Failure::Failed(format!("bad response head: {e}").into())),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code)
+            .map_err(|_| Failure::Failed("bad response status".into()))?;
+        if status.is_informational() {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Failure::Failed(
+                    "switched protocols without an upgrade request".into(),
+                ));
+            }
+            buf.advance(n);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each header sits in the head, so the values can share its bytes.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *span = (
+                name as u32,
+                h.name.len() as u32,
+                value as u32,
+                h.value.len() as u32,
+            );
+        }
+        let head = buf.split_to(n).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(n_at, n_len, v_at, v_len) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[n_at as usize..(n_at + n_len) as usize])
+                .map_err(|_| Failure::Failed("bad response header name".into()))?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(v_at as usize..(v_at + v_len) as usize))
+                    .map_err(|_| Failure::Failed("bad response header value".into()))?;
+            headers.append(name, value);
+        }
+        let framing = framing(&headers, status, head_request)?;
+        let keep_alive = keep_alive(&headers, version);
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        return Ok(Some((resp, framing, keep_alive)));
+    }
+}
+
+/// RFC 9112 §6.3: no body for HEAD, 204 and 304; chunked when it is the last coding; else the
+/// length; else until the connection closes.
+fn framing(
+    headers: &HeaderMap,
+    status: StatusCode,
+    head_request: bool,
+) -> Result<Framing, Failure> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().last() {
+        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        let n = std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| Failure::Failed("bad content-length".into()))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Failure::Failed("conflicting content-length values".into()));
+        }
+        length = Some(n);
+    }
+    Ok(match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// May the connection carry another request? HTTP/1.1 unless `close`; 1.0 only if `keep-alive`.
+fn keep_alive(headers: &HeaderMap, version: Version) -> bool {
+    let has = |token: &[u8]| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has(b"keep-alive")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// A response body from this client.
+pub enum H1Body {
+    /// Read whole with the head; the connection is back in the pool already.
+    Full(Option<Bytes>),
+    /// Still on the wire.
+    Stream(Box<Streaming>),
+}
+
+pub struct Streaming {
+    /// `None` once the body ended (and the connection went back, or was closed).
+    conn: Option<Conn>,
+    pool: Arc<H1Pool>,
+    state: State,
+    keep_alive: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    UntilClose,
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    Done,
+}
+
+impl Streaming {
+    /// The body ended cleanly: the connection is reusable if the backend said so and sent
+    /// nothing beyond the body.
+    fn end(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.rbuf.is_empty() {
+                self.pool.checkin(conn);
+            }
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut conn.rbuf;
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(0) => {
+                    self.end();
+                    return Poll::Ready(None);
+                }
+                State::Length(rem) | State::ChunkData(rem) if !buf.is_empty() => {
+                    let n = rem.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    self.state = match self.state {
+                        State::Length(_) => State::Length(rem - n),
+                        _ if rem == n => State::ChunkEnd,
+                        _ => State::ChunkData(rem - n),
+                    };
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                State::UntilClose if !buf.is_empty() => {
+                    return Poll::Ready(Some(Ok(buf.split().freeze())));
+                }
+                State::ChunkSize => {
+                    if let Some(line) = take_line(buf)? {
+                        let digits = line[..]
+                            .split(|&b| b == b';')
+                            .next()
+                            .unwrap_or(b"")
+                            .trim_ascii();
+                        let size = std::str::from_utf8(digits)
+                            .ok()
+                            .and_then(|s| u64::from_str_radix(s, 16).ok())
+                            .ok_or("bad chunk size")?;
+                        self.state = if size == 0 {
+                            State::Trailers
+                        } else {
+                            State::ChunkData(size)
+                        };
+                        continue;
+                    }
+                }
+                State::ChunkEnd if buf.len() >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err("bad chunk ending".into())));
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                    continue;
+                }
+                State::Trailers => {
+                    // Trailers are dropped (HTTP/1 trailers are rare; gRPC goes over h2).
+                    if let Some(line) = take_line(buf)? {
+                        if line.is_empty() {
+                            self.end();
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            // More bytes needed.
+            buf.reserve(READ_CHUNK);
+            let n = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                buf
+            ))?;
+            if n == 0 {
+                if self.state == State::UntilClose {
+                    self.state = State::Done;
+                    self.conn = None;
+                    return Poll::Ready(None);
+                }
+                self.conn = None;
+                return Poll::Ready(Some(Err(
+                    "the backend closed the connection in the middle of the body".into(),
+                )));
+            }
+        }
+    }
+}
+
+/// One CRLF-terminated line off the front of `buf` (without the CRLF), or `None` if it is
+/// not all there yet.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, BoxError> {
+    match memchr::memchr(b'\n', buf) {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_CHUNK_LINE => Err("chunk line too long".into()),
+        None => Ok(None),
+    }
+}
+
+impl http_body::Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            H1Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            H1Body::Stream(s) => s.poll_next(cx).map(|o| o.map(|r| r.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            H1Body::Full(b) => b.is_none(),
+            H1Body::Stream(s) => s.state == State::Done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            H1Body::Full(None) => SizeHint::with_exact(0),
+            H1Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            H1Body::Stream(s) => match s.state {
+                State::Length(n) => SizeHint::with_exact(n),
+                State::Done => SizeHint::with_exact(0),
+                _ => SizeHint::default(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A backend that answers each request on a connection with the next canned answer, and
+    /// reports every request head it read.
+    async fn canned(
+        answers: Vec<&'static [u8]>,
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            for a in answers {
+                loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        tx.send(String::from_utf8(head).unwrap()).unwrap();
+                        break;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                s.write_all(a).await.unwrap();
+            }
+            // Keep the connection open until the peer closes it.
+            let mut rest = [0u8; 64];
+            let _ = s.read(&mut rest).await;
+        });
+        (addr, rx)
+    }
+
+    fn get(path: &str) -> Parts {
+        let (mut p, ()) = http::Request::get(path)
+            .header("host", "example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        p.uri = format!("http://backend{path}").parse().unwrap();
+        p
+    }
+
+    fn pool(addr: SocketAddr) -> Arc<H1Pool> {
+        Arc::new(H1Pool::new(
+            addr,
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            8,
+        ))
+    }
+
+    async fn text(r: Response<H1Body>) -> String {
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keep_alive_lengths_chunks_and_interim_answers_on_one_connection() {
+        let (addr, mut heads) = canned(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\n\r\nok\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlast!",
+        ])
+        .await;
+        let p = pool(addr);
+        let r = p.send(&get("/a?x=1"), None).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-a"], "1");
+        assert_eq!(text(r).await, "ok\n");
+        let head = heads.recv().await.unwrap();
+        assert!(head.starts_with("GET /a?x=1 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("host: example\r\n"), "{head}");
+        assert!(!head.contains("content-length"), "{head}");
+        assert_eq!(
+            p.idle_count(),
+            1,
+            "a whole small body gives the connection back at once"
+        );
+
+        let mut post = get("/b");
+        post.method = Method::PUT;
+        let r = p
+            .send(&post, Some(Bytes::from_static(b"abc")))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(p.idle_count(), 0, "lent out while the chunked body streams");
+        assert_eq!(text(r).await, "hello world");
+        assert_eq!(p.idle_count(), 1, "back after the last chunk");
+        let head = heads.recv().await.unwrap();
+        assert!(head.starts_with("PUT /b HTTP/1.1\r\n") && head.contains("content-length: 3\r\n"));
+
+        let r = p.send(&get("/c"), None).await.unwrap();
+        assert_eq!(r.status(), 204);
+        assert_eq!(text(r).await, "");
+        let r = p.send(&get("/d"), None).await.unwrap();
+        assert_eq!(text(r).await, "last!");
+        for _ in 0..2 {
+            heads.recv().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_transparently() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            // First connection: one answer, then the backend closes it (idle timeout).
+            for close_after in [true, false] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await.unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+                    .await
+                    .unwrap();
+                if close_after {
+                    drop(s);
+                } else {
+                    let _ = s.read(&mut b).await;
+                }
+            }
+        });
+        let p = pool(addr);
+        assert_eq!(text(p.send(&get("/"), None).await.unwrap()).await, "hi");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(text(p.send(&get("/"), None).await.unwrap()).await, "hi");
+    }
+
+    #[tokio::test]
+    async fn bodies_until_close_and_cut_bodies() {
+        // Each connection answers once and closes.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for answer in [
+                &b"HTTP/1.0 200 OK\r\n\r\nuntil close"[..],
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this"[..],
+            ] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 1024];
+                let _ = s.read(&mut b).await.unwrap();
+                s.write_all(answer).await.unwrap();
+            }
+        });
+        let p = pool(addr);
+        let r = p.send(&get("/"), None).await.unwrap();
+        assert_eq!(r.version(), Version::HTTP_10);
+        assert_eq!(text(r).await, "until close");
+        assert_eq!(
+            p.idle_count(),
+            0,
+            "a close-delimited connection is never reused"
+        );
+        let r = p.send(&get("/"), None).await.unwrap();
+        let err = r
+            .into_body()
+            .collect()
+            .await
+            .err()
+            .expect("cut body is an error");
+        assert!(err.to_string().contains("middle of the body"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_and_refused_connections_are_errors() {
+        let (addr, _h) = canned(vec![b"SMTP ready\r\n\r\n"]).await;
+        let e = pool(addr).send(&get("/"), None).await.err().unwrap();
+        assert!(matches!(e, ProxyError::Upstream { .. }), "{e}");
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let e = pool(addr).send(&get("/"), None).await.err().unwrap();
+        assert!(matches!(e, ProxyError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        let ok = StatusCode::OK;
+        let f = |m: &HeaderMap, s, head| framing(m, s, head).ok();
+        assert_eq!(
+            f(&h(&[("content-length", "5")]), ok, true),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            f(&h(&[("content-length", "5")]), ok, false),
+            Some(Framing::Length(5))
+        );
+        assert_eq!(
+            f(
+                &h(&[
+                    ("transfer-encoding", "gzip, chunked"),
+                    ("content-length", "5")
+                ]),
+                ok,
+                false
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            f(&h(&[("transfer-encoding", "gzip")]), ok, false),
+            Some(Framing::Close)
+        );
+        assert_eq!(f(&h(&[]), ok, false), Some(Framing::Close));
+        assert_eq!(
+            f(&h(&[]), StatusCode::NOT_MODIFIED, false),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            f(
+                &h(&[("content-length", "5"), ("content-length", "6")]),
+                ok,
+                false
+            ),
+            None
+        );
+        assert!(keep_alive(&h(&[]), Version::HTTP_11));
+        assert!(!keep_alive(
+            &h(&[("connection", "Close")]),
+            Version::HTTP_11
+        ));
+        assert!(!keep_alive(&h(&[]), Version::HTTP_10));
+        assert!(keep_alive(
+            &h(&[("connection", "keep-alive")]),
+            Version::HTTP_10
+        ));
+    }
+}
