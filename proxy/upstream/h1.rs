@@ -103,18 +103,16 @@ impl H1Pool {
         let mut expired = Vec::new();
         let found = {
             let mut idle = self.idle.lock().ok()?;
-            loop {
-                match idle.pop() {
-                    None => break None,
-                    Some(i) if now.saturating_duration_since(i.since) < self.idle_timeout => {
-                        break Some(i.conn)
-                    }
-                    // The top is the newest: anything under an expired one is older still.
-                    Some(i) => {
-                        expired.push(i);
-                        expired.append(&mut idle);
-                        break None;
-                    }
+            match idle.pop() {
+                None => None,
+                Some(i) if now.saturating_duration_since(i.since) < self.idle_timeout => {
+                    Some(i.conn)
+                }
+                // The top is the newest: anything under an expired one is older still.
+                Some(i) => {
+                    expired.push(i);
+                    expired.append(&mut idle);
+                    None
                 }
             }
         };
@@ -412,7 +410,11 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().last() {
+    if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
         return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             Framing::Chunked
@@ -798,8 +800,7 @@ mod tests {
             .into_body()
             .collect()
             .await
-            .err()
-            .expect("cut body is an error");
+            .expect_err("cut body is an error");
         assert!(err.to_string().contains("middle of the body"), "{err}");
     }
 
