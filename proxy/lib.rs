@@ -34,6 +34,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod websocket;
+pub mod workers;
 
 pub use fulcrum_config as config;
 pub use server::{start, start_inherited, start_with, Running, Shared};

@@ -1,6 +1,7 @@
 //! The `fulcrum` command: run, check, demo.
 #![forbid(unsafe_code)]
 
+use fulcrum_config::Threading;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -140,12 +141,23 @@ fn run(config: Config, path: Option<&Path>, mode: Mode) -> ExitCode {
     let demo = mode == Mode::Demo;
     init_logging();
     raise_open_file_limit();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = config.server.worker_threads {
-        rt.worker_threads(n);
-    }
-    let rt = match rt.build() {
+    let threads = config.server.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let rt = match config.server.threading {
+        // The data plane on its own threads; this thread runs the control plane.
+        Threading::PerCore => match fulcrum::workers::start(threads) {
+            Ok(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Err(e) => Err(e),
+        },
+        Threading::WorkStealing => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .worker_threads(threads)
+            .build(),
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("fulcrum: cannot start the runtime: {e}");

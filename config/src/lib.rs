@@ -43,10 +43,23 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
+/// `[server] threading`: how the data plane uses its `worker_threads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threading {
+    /// One single-threaded event loop per thread, each accepting and serving its own
+    /// connections with its own upstream connections (nginx workers, HAProxy threads,
+    /// Envoy workers). No task ever moves between threads.
+    PerCore,
+    /// One work-stealing tokio runtime for everything.
+    WorkStealing,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub drain_timeout: Duration,
     pub worker_threads: Option<usize>,
+    /// How worker threads share the work.
+    pub threading: Threading,
     pub request_header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_request_header_bytes: usize,
@@ -64,6 +77,7 @@ impl Default for ServerConfig {
         ServerConfig {
             drain_timeout: Duration::from_secs(30),
             worker_threads: None,
+            threading: Threading::PerCore,
             request_header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_request_header_bytes: 32 * 1024,

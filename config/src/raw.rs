@@ -36,6 +36,7 @@ pub struct RawRedis {
 pub struct RawServer {
     pub drain_timeout: Option<S<String>>,
     pub worker_threads: Option<S<i64>>,
+    pub threading: Option<S<String>>,
     pub request_header_timeout: Option<S<String>>,
     pub idle_timeout: Option<S<String>>,
     pub max_request_header_bytes: Option<S<i64>>,

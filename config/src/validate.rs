@@ -261,6 +261,22 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
         worker_threads: v
             .opt_int(&s.worker_threads, "worker_threads", 1, 1024)
             .map(|n| n as usize),
+        threading: match s.threading.as_ref() {
+            None => d.threading,
+            Some(t) => match t.get_ref().as_str() {
+                "per_core" => Threading::PerCore,
+                "work_stealing" => Threading::WorkStealing,
+                other => {
+                    v.err(
+                        t,
+                        format!(
+                            "threading: expected \"per_core\" or \"work_stealing\", got {other:?}"
+                        ),
+                    );
+                    d.threading
+                }
+            },
+        },
         request_header_timeout: v.duration(
             &s.request_header_timeout,
             "request_header_timeout",

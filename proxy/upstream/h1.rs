@@ -52,13 +52,14 @@ struct Idle {
     since: Instant,
 }
 
-/// A backend's idle connections, most recently used on top.
+/// A backend's idle connections, most recently used on top; one stack per worker thread
+/// (`workers::slot`), so a connection is only ever used by the event loop it belongs to.
 pub struct H1Pool {
     addr: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 /// How the response body is delimited on the wire.
@@ -89,20 +90,29 @@ impl H1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..crate::workers::slots())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         }
     }
 
     /// Idle connections held now (for tests and status).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |v| v.len())
+        self.idle
+            .iter()
+            .map(|s| s.lock().map_or(0, |v| v.len()))
+            .sum()
+    }
+
+    fn stack(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::workers::slot() % self.idle.len()]
     }
 
     fn checkout(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut expired = Vec::new();
         let found = {
-            let mut idle = self.idle.lock().ok()?;
+            let mut idle = self.stack().lock().ok()?;
             match idle.pop() {
                 None => None,
                 Some(i) if now.saturating_duration_since(i.since) < self.idle_timeout => {
@@ -121,7 +131,7 @@ impl H1Pool {
     }
 
     fn checkin(&self, conn: Conn) {
-        let Ok(mut idle) = self.idle.lock() else {
+        let Ok(mut idle) = self.stack().lock() else {
             return;
         };
         if idle.len() < self.max_idle {

@@ -1,0 +1,82 @@
+//! The data plane's threads for `threading = "per_core"`: one single-threaded tokio runtime
+//! per worker thread, each running its own accept loop on every listener and serving the
+//! connections it accepted from start to end, as nginx workers, HAProxy threads and Envoy
+//! workers do. A request never hops threads, so no task wake-up crosses a core, and each
+//! worker keeps its own idle upstream connections (its `slot` in the upstream pools).
+//!
+//! The control plane (admin API, health checks, reloads, signals) stays on the runtime that
+//! started the server.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// Per-thread pool slots: 0 for every thread outside the workers, 1..=n for the workers.
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+static WORKERS: OnceLock<Workers> = OnceLock::new();
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The per-core worker runtimes.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+}
+
+impl Workers {
+    /// The runtimes, in worker order.
+    pub fn handles(&self) -> &[tokio::runtime::Handle] {
+        &self.handles
+    }
+}
+
+/// Starts `n` worker threads, once per process, before the server starts (upstream pools
+/// size their per-worker slots from it). Later calls return the first set.
+pub fn start(n: usize) -> std::io::Result<&'static Workers> {
+    if let Some(w) = WORKERS.get() {
+        return Ok(w);
+    }
+    let n = n.max(1);
+    SLOTS.store(n + 1, Ordering::Relaxed);
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("fulcrum-worker-{i}"))
+            .spawn(move || {
+                SLOT.with(|s| s.set(i + 1));
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                // Serves until the process exits (the main thread decides when: after the
+                // drain, exiting ends these threads with it).
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        handles.push(rx.recv().map_err(std::io::Error::other)??);
+    }
+    Ok(WORKERS.get_or_init(|| Workers { handles }))
+}
+
+/// The worker runtimes, if `start` was called.
+pub fn get() -> Option<&'static Workers> {
+    WORKERS.get()
+}
+
+/// How many per-thread slots an upstream pool keeps.
+pub fn slots() -> usize {
+    SLOTS.load(Ordering::Relaxed)
+}
+
+/// This thread's slot.
+pub fn slot() -> usize {
+    SLOT.with(|s| s.get())
+}
