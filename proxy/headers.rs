@@ -26,8 +26,22 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 7] {
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
+/// Most messages carry none or only `Connection`, so one pass over the names (compared as
+/// known-header tags, no hashing) decides whether there is anything to do.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
+    let fixed = fixed_hop_by_hop();
+    let mut found = [false; 7];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            found[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    if let (true, Some(conn)) = (found[0], headers.get(header::CONNECTION)) {
         if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" {
             let named: Vec<HeaderName> = headers
                 .get_all(header::CONNECTION)
@@ -42,11 +56,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     // `TE: trailers` is the one TE value that crosses hops (gRPC needs it).
-    let te_trailers = headers
-        .get(&header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in fixed_hop_by_hop() {
-        if headers.contains_key(name) {
+    let te_trailers = found[3]
+        && headers
+            .get(&header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for (name, present) in fixed.into_iter().zip(found) {
+        if present {
             headers.remove(name);
         }
     }

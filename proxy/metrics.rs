@@ -151,12 +151,17 @@ pub struct Percentiles {
 
 impl LatencyWindow {
     pub fn record(&self, latency: Duration) {
+        self.record_at(latency, Instant::now());
+    }
+
+    /// [`LatencyWindow::record`] with the clock already read.
+    pub fn record_at(&self, latency: Duration, now: Instant) {
         let Ok(mut g) = self.inner.lock() else { return };
         let (cur, prev, since) = &mut *g;
-        if since.elapsed() >= WINDOW {
+        if now.saturating_duration_since(*since) >= WINDOW {
             std::mem::swap(cur, prev);
             cur.reset();
-            *since = Instant::now();
+            *since = now;
         }
         let _ = cur.record((latency.as_micros() as u64).clamp(1, 60_000_000));
     }

@@ -233,12 +233,17 @@ impl InFlight {
     /// Records how the request went: the latency to the response head, or a failure
     /// (which counts as `FAILURE_PENALTY`, so a backend that fails fast never looks fast).
     pub fn record(&self, latency: Duration, ok: bool) {
+        self.record_at(latency, ok, now_ns());
+    }
+
+    /// [`InFlight::record`] at `now` (`ewma::now_ns` scale).
+    pub fn record_at(&self, latency: Duration, ok: bool, now: u64) {
         let s = &self.0;
         if ok {
-            s.latency.observe(latency, now_ns());
+            s.latency.observe(latency, now);
         } else {
             s.failures.fetch_add(1, Ordering::Relaxed);
-            s.latency.observe(latency.max(FAILURE_PENALTY), now_ns());
+            s.latency.observe(latency.max(FAILURE_PENALTY), now);
         }
     }
 }
@@ -450,6 +455,11 @@ impl Pool {
     /// Records how a request to `backend` went in its breaker and, when passive detection is
     /// on, its health (never ejecting more than `max_ejection_percent` of the pool).
     pub fn observe(&self, backend: &Backend, ok: bool) {
+        self.observe_at(backend, ok, now_ns());
+    }
+
+    /// [`Pool::observe`] at `now` (`ewma::now_ns` scale).
+    pub fn observe_at(&self, backend: &Backend, ok: bool, now: u64) {
         let s = &backend.state;
         let event = if ok {
             breaker::Event::Success
@@ -458,7 +468,7 @@ impl Pool {
         };
         if let (_, Some(t)) = s
             .breaker
-            .apply(event, now_ms(), &self.config.circuit_breaker)
+            .apply(event, now / 1_000_000, &self.config.circuit_breaker)
         {
             log_breaker(&self.name, backend, t);
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -100,7 +100,18 @@ fn new_request_id() -> HeaderValue {
             crate::balance::random::mix64(!x),
         )
     });
-    HeaderValue::from_str(&format!("{a:016x}{b:016x}")).unwrap_or(HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 32];
+    for (i, byte) in a
+        .to_be_bytes()
+        .into_iter()
+        .chain(b.to_be_bytes())
+        .enumerate()
+    {
+        text[2 * i] = HEX[(byte >> 4) as usize];
+        text[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
 }
 
 pub async fn handle(
@@ -108,7 +119,6 @@ pub async fn handle(
     conn: &ConnInfo,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
-    let started = std::time::Instant::now();
     // Every request carries an id to the backend and back (generated when absent).
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(id) => id.clone(),
@@ -125,6 +135,7 @@ pub async fn handle(
         };
         (
             log.clone(),
+            std::time::Instant::now(),
             req.method().clone(),
             req.uri()
                 .path_and_query()
@@ -155,7 +166,7 @@ pub async fn handle(
     }
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), request_id.clone());
-    if let Some((log, method, path, version, user_agent, referer)) = log_fields {
+    if let Some((log, started, method, path, version, user_agent, referer)) = log_fields {
         let entry = crate::accesslog::Entry {
             log,
             started,
@@ -377,11 +388,6 @@ async fn proxy(
     // gRPC's own deadline caps the backend timeout.
     let timeout = crate::grpc::timeout(&parts.headers)
         .map_or(pool.config.timeout, |t| t.min(pool.config.timeout));
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
     // Can this request be sent twice? Idempotent, and its body (if any) small enough to keep.
     // gRPC calls (POSTs) are retried only on the statuses the pool lists in `retry_on`.
@@ -469,32 +475,11 @@ async fn proxy(
         tried[attempt] = backend.id;
         ctx.backend = Some(backend.id);
 
-        let uri = Uri::from_parts({
-            let mut u = http::uri::Parts::default();
-            u.scheme = Some(backend.scheme.clone());
-            u.authority = Some(backend.authority.clone());
-            u.path_and_query = Some(path.clone());
-            u
-        })
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
         let is_last = attempt + 1 == max_attempts as usize;
-        let mut req = Request::new(match (&replay, stream_body.take()) {
+        let body = match (&replay, stream_body.take()) {
             (Some(b), _) => Body::full(b.clone()),
             (None, Some(b)) => b,
             (None, None) => Body::empty(),
-        });
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = match pool.config.protocol {
-            fulcrum_config::UpstreamProtocol::H2 | fulcrum_config::UpstreamProtocol::H2c => {
-                Version::HTTP_2
-            }
-            _ => Version::HTTP_11,
-        };
-        *req.headers_mut() = if is_last {
-            std::mem::take(&mut parts.headers)
-        } else {
-            parts.headers.clone()
         };
 
         // A capped backend: wait for a slot in the pool's bounded queue.
@@ -508,19 +493,22 @@ async fn proxy(
         let result = backend
             .state
             .client_for_next()
-            .send(backend.addr, req, timeout)
+            .forward(&backend, &mut parts, body, timeout, is_last)
             .await;
-        let elapsed = started.elapsed();
+        // One clock read stamps everything this attempt records.
+        let done = std::time::Instant::now();
+        let now = crate::balance::ewma::ns_at(done);
+        let elapsed = done.saturating_duration_since(started);
         ctx.upstream = Some(elapsed);
-        backend.state.latency_window.record(elapsed);
+        backend.state.latency_window.record_at(elapsed, done);
         match result {
             Ok(mut resp) => {
                 let ok = !resp.status().is_server_error();
                 if let Some(m) = &backend.state.metrics {
                     m.observe(resp.status().as_u16(), elapsed);
                 }
-                guard.record(elapsed, ok);
-                pool.observe(&backend, ok);
+                guard.record_at(elapsed, ok, now);
+                pool.observe_at(&backend, ok, now);
                 let grpc_failed = grpc_retry
                     && resp
                         .headers()
@@ -588,11 +576,11 @@ async fn proxy(
                 last = Some(Ok(resp));
             }
             Err(e) => {
-                guard.record(elapsed, false);
+                guard.record_at(elapsed, false, now);
                 if let Some(m) = &backend.state.metrics {
                     m.observe(e.status().as_u16(), elapsed);
                 }
-                pool.observe(&backend, false);
+                pool.observe_at(&backend, false, now);
                 // Every request that gets here twice is idempotent and replayable, so a
                 // connection lost before the answer may be retried too; a timeout is not
                 // (the backend may still be working on it).

@@ -58,6 +58,7 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector<FixedResolver>>;
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, Body>,
+    protocol: UpstreamProtocol,
     /// fulcrum's own HTTP/1.1 client, for plain-http HTTP/1 backends.
     h1: Option<Arc<h1::H1Pool>>,
 }
@@ -160,7 +161,62 @@ impl UpstreamClient {
                 .http2_keep_alive_while_idle(false);
         }
         let client = b.build(connector);
-        UpstreamClient { client, h1 }
+        UpstreamClient {
+            client,
+            protocol,
+            h1,
+        }
+    }
+
+    /// Forwards a client's request to `backend`: `parts` is its rewritten head (the URI as
+    /// the client sent it), `body` this attempt's body. fulcrum's h1 client only borrows the
+    /// head; hyper's needs its own, cloned unless `last` (no attempt after this one) lets it
+    /// take the original.
+    pub async fn forward(
+        &self,
+        backend: &crate::pool::Backend,
+        parts: &mut http::request::Parts,
+        body: Body,
+        timeout: Duration,
+        last: bool,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        if let (Some(h1), Body::Full(bytes)) = (&self.h1, &body) {
+            if !parts.headers.contains_key(http::header::UPGRADE) {
+                let sent = h1.send(parts, &backend.authority, bytes.clone());
+                return match tokio::time::timeout(timeout, sent).await {
+                    Err(_) => Err(ProxyError::Timeout {
+                        backend: backend.addr,
+                        timeout,
+                    }),
+                    Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
+                };
+            }
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(backend.scheme.clone());
+        uri.authority = Some(backend.authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        let uri = http::Uri::from_parts(uri)
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = match self.protocol {
+            UpstreamProtocol::H2 | UpstreamProtocol::H2c => http::Version::HTTP_2,
+            _ => http::Version::HTTP_11,
+        };
+        *req.headers_mut() = if last {
+            std::mem::take(&mut parts.headers)
+        } else {
+            parts.headers.clone()
+        };
+        self.send(backend.addr, req, timeout).await
     }
 
     /// Sends `req` (its URI already absolute, pointing at `backend`) and waits at most
@@ -171,12 +227,13 @@ impl UpstreamClient {
         req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        if let Some(h1) = &self.h1 {
+        if let (Some(h1), Some(authority)) = (&self.h1, req.uri().authority().cloned()) {
             if !req.headers().contains_key(http::header::UPGRADE) {
                 if let Body::Full(bytes) = req.body() {
                     let bytes = bytes.clone();
                     let (parts, _) = req.into_parts();
-                    return match tokio::time::timeout(timeout, h1.send(&parts, bytes)).await {
+                    let sent = h1.send(&parts, &authority, bytes);
+                    return match tokio::time::timeout(timeout, sent).await {
                         Err(_) => Err(ProxyError::Timeout { backend, timeout }),
                         Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
                     };

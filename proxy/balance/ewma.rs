@@ -22,8 +22,15 @@ pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// Nanoseconds since the first call in this process: a cheap monotonic clock for stamps.
 pub fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// [`now_ns`] for an instant the caller already read (one clock read serves a request's
+/// every stamp).
+pub fn ns_at(t: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    t.saturating_duration_since(*START.get_or_init(Instant::now))
+        .as_nanos() as u64
 }
 
 pub struct PeakEwma {

@@ -163,9 +163,11 @@ impl H1Pool {
 
     /// Sends one request (head in `parts`, whole body in `body`) and reads the response
     /// head; the body follows as the returned response's body.
+    /// `authority` is the `Host` sent when the request has none.
     pub async fn send(
         self: &Arc<Self>,
         parts: &Parts,
+        authority: &http::uri::Authority,
         body: Option<Bytes>,
     ) -> Result<Response<H1Body>, ProxyError> {
         let head_request = parts.method == Method::HEAD;
@@ -178,7 +180,7 @@ impl H1Pool {
                 Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
-            encode_head(&mut conn.wbuf, parts, body_len);
+            encode_head(&mut conn.wbuf, parts, authority, body_len);
             match exchange(&mut conn, body.as_ref(), head_request).await {
                 Ok((resp, framing, keep_alive)) => {
                     return Ok(self.finish(conn, resp, framing, keep_alive));
@@ -254,7 +256,12 @@ fn still_open(conn: &Conn) -> bool {
 
 /// Writes the request head: request line, the headers as they are (hop-by-hop ones were
 /// removed by the caller), `Host` if missing, and the body's length.
-fn encode_head(buf: &mut Vec<u8>, parts: &Parts, body_len: usize) {
+fn encode_head(
+    buf: &mut Vec<u8>,
+    parts: &Parts,
+    authority: &http::uri::Authority,
+    body_len: usize,
+) {
     use std::io::Write;
     buf.clear();
     buf.extend_from_slice(parts.method.as_str().as_bytes());
@@ -279,11 +286,9 @@ fn encode_head(buf: &mut Vec<u8>, parts: &Parts, body_len: usize) {
         buf.extend_from_slice(b"\r\n");
     }
     if !has_host {
-        if let Some(a) = parts.uri.authority() {
-            buf.extend_from_slice(b"host: ");
-            buf.extend_from_slice(a.as_str().as_bytes());
-            buf.extend_from_slice(b"\r\n");
-        }
+        buf.extend_from_slice(b"host: ");
+        buf.extend_from_slice(authority.as_str().as_bytes());
+        buf.extend_from_slice(b"\r\n");
     }
     let body_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
     if body_len > 0 || had_length || body_method {
@@ -702,6 +707,16 @@ mod tests {
         ))
     }
 
+    impl H1Pool {
+        async fn send_to(
+            self: &Arc<Self>,
+            parts: &Parts,
+            body: Option<Bytes>,
+        ) -> Result<Response<H1Body>, ProxyError> {
+            self.send(parts, &"backend".parse().unwrap(), body).await
+        }
+    }
+
     async fn text(r: Response<H1Body>) -> String {
         let b = r.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(b.to_vec()).unwrap()
@@ -717,7 +732,7 @@ mod tests {
         ])
         .await;
         let p = pool(addr);
-        let r = p.send(&get("/a?x=1"), None).await.unwrap();
+        let r = p.send_to(&get("/a?x=1"), None).await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-a"], "1");
         assert_eq!(text(r).await, "ok\n");
@@ -734,7 +749,7 @@ mod tests {
         let mut post = get("/b");
         post.method = Method::PUT;
         let r = p
-            .send(&post, Some(Bytes::from_static(b"abc")))
+            .send_to(&post, Some(Bytes::from_static(b"abc")))
             .await
             .unwrap();
         assert_eq!(r.status(), 201);
@@ -744,10 +759,10 @@ mod tests {
         let head = heads.recv().await.unwrap();
         assert!(head.starts_with("PUT /b HTTP/1.1\r\n") && head.contains("content-length: 3\r\n"));
 
-        let r = p.send(&get("/c"), None).await.unwrap();
+        let r = p.send_to(&get("/c"), None).await.unwrap();
         assert_eq!(r.status(), 204);
         assert_eq!(text(r).await, "");
-        let r = p.send(&get("/d"), None).await.unwrap();
+        let r = p.send_to(&get("/d"), None).await.unwrap();
         assert_eq!(text(r).await, "last!");
         for _ in 0..2 {
             heads.recv().await.unwrap();
@@ -775,9 +790,9 @@ mod tests {
             }
         });
         let p = pool(addr);
-        assert_eq!(text(p.send(&get("/"), None).await.unwrap()).await, "hi");
+        assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "hi");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(text(p.send(&get("/"), None).await.unwrap()).await, "hi");
+        assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "hi");
     }
 
     #[tokio::test]
@@ -797,7 +812,7 @@ mod tests {
             }
         });
         let p = pool(addr);
-        let r = p.send(&get("/"), None).await.unwrap();
+        let r = p.send_to(&get("/"), None).await.unwrap();
         assert_eq!(r.version(), Version::HTTP_10);
         assert_eq!(text(r).await, "until close");
         assert_eq!(
@@ -805,7 +820,7 @@ mod tests {
             0,
             "a close-delimited connection is never reused"
         );
-        let r = p.send(&get("/"), None).await.unwrap();
+        let r = p.send_to(&get("/"), None).await.unwrap();
         let err = r
             .into_body()
             .collect()
@@ -817,12 +832,12 @@ mod tests {
     #[tokio::test]
     async fn garbage_and_refused_connections_are_errors() {
         let (addr, _h) = canned(vec![b"SMTP ready\r\n\r\n"]).await;
-        let e = pool(addr).send(&get("/"), None).await.err().unwrap();
+        let e = pool(addr).send_to(&get("/"), None).await.err().unwrap();
         assert!(matches!(e, ProxyError::Upstream { .. }), "{e}");
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = closed.local_addr().unwrap();
         drop(closed);
-        let e = pool(addr).send(&get("/"), None).await.err().unwrap();
+        let e = pool(addr).send_to(&get("/"), None).await.err().unwrap();
         assert!(matches!(e, ProxyError::Connect { .. }), "{e}");
     }
 
