@@ -183,7 +183,7 @@ fn header_rewrite(c: &mut Criterion) {
     g.bench_function("strip_response", |b| {
         b.iter_batched_ref(
             || response.clone(),
-            |h| fulcrum::headers::strip_hop_by_hop(h),
+            fulcrum::headers::strip_hop_by_hop,
             criterion::BatchSize::SmallInput,
         )
     });
