@@ -333,29 +333,29 @@ async fn proxy(
         let ip = client;
         let local = || l.check_local(l.key(ip, &parts.headers), crate::balance::ewma::now_ns());
         let decision = match (&shared.redis, l.config.global) {
-            (Some(store), true) => match l
-                .check_global(store, &l.store_key(ip, &parts.headers))
-                .await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    shared
-                        .store_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(error = %e, "rate-limit store unavailable: fallback applies");
-                    if l.config.deny_on_store_error {
-                        crate::ratelimit::Decision {
-                            allowed: false,
-                            limit: l.config.burst,
-                            remaining: 0,
-                            reset: 1,
-                            retry_after: 1,
+            // Boxed: rare, and its future would otherwise sit inside every request's.
+            (Some(store), true) => {
+                match Box::pin(l.check_global(store, &l.store_key(ip, &parts.headers))).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        shared
+                            .store_errors
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(error = %e, "rate-limit store unavailable: fallback applies");
+                        if l.config.deny_on_store_error {
+                            crate::ratelimit::Decision {
+                                allowed: false,
+                                limit: l.config.burst,
+                                remaining: 0,
+                                reset: 1,
+                                retry_after: 1,
+                            }
+                        } else {
+                            local()
                         }
-                    } else {
-                        local()
                     }
                 }
-            },
+            }
             _ => local(),
         };
         if !decision.allowed {
@@ -408,8 +408,7 @@ async fn proxy(
         .exact()
         .is_some_and(|n| n <= REPLAY_LIMIT)
     {
-        let bytes = body
-            .collect()
+        let bytes = Box::pin(body.collect())
             .await
             .map_err(|_| ProxyError::BadRequest("request body ended early"))?
             .to_bytes();
@@ -421,7 +420,7 @@ async fn proxy(
         let mut buf = bytes::BytesMut::new();
         let mut complete = false;
         while buf.len() <= REPLAY_LIMIT as usize {
-            match body.frame().await {
+            match Box::pin(body.frame()).await {
                 None => {
                     complete = true;
                     break;
@@ -453,7 +452,7 @@ async fn proxy(
             if !pool.retry_budget.try_withdraw() {
                 break;
             }
-            tokio::time::sleep(backoff(&pool, attempt)).await;
+            Box::pin(tokio::time::sleep(backoff(&pool, attempt))).await;
         }
         let mut picked = pool
             .pick(client, &parts.headers, &tried[..attempt])
@@ -485,7 +484,7 @@ async fn proxy(
         // A capped backend: wait for a slot in the pool's bounded queue.
         let permit = match &backend.state.slots {
             None => None,
-            Some(slots) => Some(acquire_slot(&pool, slots).await?),
+            Some(slots) => Some(Box::pin(acquire_slot(&pool, slots)).await?),
         };
         let mut guard = InFlight::begin(&backend.state);
         guard.hold(permit);
