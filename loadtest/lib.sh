@@ -37,3 +37,80 @@ wait_http() {
 
 now_ms() { date +%s%3N; }
 log() { printf '[%s] %s\n' "$(date +%T.%3N)" "$*" >&2; }
+
+# ---- the anchors' setup, for scripts that compare fulcrum with nginx and HAProxy --------
+BENCH=${BENCH:-$ROOT/../shared/bench}
+
+# render SRC DST KEY=VALUE...: fill the @KEY@ placeholders of ../shared/bench/conf files
+render() {
+    local src=$1 dst=$2 kv args=()
+    shift 2
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$src" > "$dst"
+}
+
+# start_backends: the anchors' backend, one nginx answering "ok\n" on 127.0.0.1:9001-9004
+start_backends() {
+    mkdir -p "$OUT/backend"
+    render "$BENCH/conf/backend-nginx.conf" "$OUT/backend/nginx.conf" \
+        WORKERS="${BACKEND_WORKERS:-1}" RUNDIR="$OUT/backend" USER="$(id -un)"
+    start backend nginx -p "$OUT/backend" -c "$OUT/backend/nginx.conf" -g 'daemon off;'
+    wait_http http://127.0.0.1:9001/
+}
+
+# start_proxy CASE: fulcrum-tN, haproxy-tN or nginx-wN in front of those backends; sets
+# CASE_URL and CASE_PID. Ports: fulcrum 8080 (admin 9099), nginx 8081, HAProxy 8082.
+start_proxy() {
+    local c=$1 n
+    mkdir -p "$OUT/$c"
+    case "$c" in
+        fulcrum-t*)
+            n=${c#fulcrum-t}
+            sed "s|^# worker_threads is set.*|worker_threads = $n|" "$ROOT/loadtest/anchors.toml" \
+                > "$OUT/$c/fulcrum.toml"
+            start "$c" env RUST_LOG=warn "$FULCRUM" -c "$OUT/$c/fulcrum.toml"
+            CASE_URL=http://127.0.0.1:8080/ ;;
+        nginx-w*)
+            n=${c#nginx-w}
+            render "$BENCH/conf/proxy-nginx.conf" "$OUT/$c/nginx.conf" \
+                WORKERS="$n" PORT=8081 RUNDIR="$OUT/$c" USER="$(id -un)"
+            start "$c" nginx -p "$OUT/$c" -c "$OUT/$c/nginx.conf" -e "$OUT/$c/error.log" -g 'daemon off;'
+            CASE_URL=http://127.0.0.1:8081/ ;;
+        haproxy-t*)
+            n=${c#haproxy-t}
+            render "$BENCH/conf/proxy-haproxy.cfg" "$OUT/$c/haproxy.cfg" THREADS="$n" PORT=8082
+            start "$c" haproxy -db -f "$OUT/$c/haproxy.cfg"
+            CASE_URL=http://127.0.0.1:8082/ ;;
+        *) echo "unknown case $c" >&2; return 2 ;;
+    esac
+    CASE_PID=$LAST_PID
+    wait_http "$CASE_URL"
+}
+
+# stop_proxy: stops the last started proxy (and waits for it to go)
+stop_proxy() {
+    kill -TERM "$CASE_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 100); do kill -0 "$CASE_PID" 2>/dev/null || return 0; sleep 0.05; done
+    kill -KILL "$CASE_PID" 2>/dev/null || true
+}
+
+# rss_kib PID: resident memory of PID and its children (nginx master + workers), KiB
+rss_kib() {
+    local p v t=0
+    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        v=$(awk '/^VmRSS/ {print $2}' /proc/"$p"/status 2>/dev/null || true)
+        t=$((t + ${v:-0}))
+    done
+    echo $t
+}
+
+# cpu_ticks PID: user+system clock ticks of PID and its children
+cpu_ticks() {
+    local p v t=0
+    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        v=$(sed 's/.*) //' /proc/"$p"/stat 2>/dev/null | awk '{print $12 + $13}' || true)
+        t=$((t + ${v:-0}))
+    done
+    echo $t
+}

@@ -194,10 +194,10 @@ impl Listener {
                 let _open = scopeguard_gauge(connections);
                 let mut stream = stream;
                 if proxy_protocol {
-                    match tokio::time::timeout(
+                    match Box::pin(tokio::time::timeout(
                         HANDSHAKE_TIMEOUT,
                         crate::proxy_protocol::read_header(&mut stream),
-                    )
+                    ))
                     .await
                     {
                         Ok(Ok(Some(client))) => info.peer = client,
@@ -212,7 +212,8 @@ impl Listener {
                 let info = Arc::new(info);
                 match tls {
                     None => serve(stream, info, shared, builder, graceful).await,
-                    Some((acceptor, (ok, failed))) => {
+                    // Boxed, so plain connections' tasks are not sized for a TLS session.
+                    Some((acceptor, (ok, failed))) => Box::pin(async move {
                         // Bounded like a request head: a client that stalls the handshake goes.
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                         {
@@ -229,7 +230,8 @@ impl Listener {
                                 tracing::debug!(client = %peer, "TLS handshake timed out");
                             }
                         }
-                    }
+                    })
+                    .await,
                 }
             });
         }
@@ -250,10 +252,12 @@ async fn serve<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
+    // The request future is boxed: hyper keeps one slot of the service future's size per
+    // connection for its whole life, and an idle keep-alive connection should not hold 4 KB.
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(service::handle(&shared, &info, req).await) }
+        Box::pin(async move { Ok::<_, Infallible>(service::handle(&shared, &info, req).await) })
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
