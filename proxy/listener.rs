@@ -254,10 +254,15 @@ async fn serve<I>(
     let peer = info.peer;
     // The request future is boxed: hyper keeps one slot of the service future's size per
     // connection for its whole life, and an idle keep-alive connection should not hold 4 KB.
+    // One per-connection Arc cloned per request: the process-wide `Shared` count is not
+    // touched per request (its cache line would bounce between the worker cores).
+    let both = Arc::new((shared, info));
     let svc = service_fn(move |req| {
-        let shared = shared.clone();
-        let info = info.clone();
-        Box::pin(async move { Ok::<_, Infallible>(service::handle(&shared, &info, req).await) })
+        let both = both.clone();
+        Box::pin(async move {
+            let (shared, info) = &*both;
+            Ok::<_, Infallible>(service::handle(shared, info, req).await)
+        })
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), svc)

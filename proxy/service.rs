@@ -324,7 +324,9 @@ async fn proxy(
             (parts.method.clone(), h)
         })
     };
-    ctx.pool = Some(pool.name.clone());
+    if shared.access_log.is_some() {
+        ctx.pool = Some(pool.name.clone());
+    }
     let client = conn.client_ip(&parts.headers);
     ctx.client = Some(client);
 
@@ -456,7 +458,7 @@ async fn proxy(
         }
         let mut picked = pool
             .pick(client, &parts.headers, &tried[..attempt])
-            .map(|p| (p.backend.clone(), p.set_cookie));
+            .map(|p| (p.backend, p.set_cookie));
         if picked.is_none() {
             // A reload may have replaced this pool's members while the request was on its
             // way (they are draining now): take the pool's current version and pick again.
@@ -465,7 +467,7 @@ async fn proxy(
                 pool = current;
                 picked = pool
                     .pick(client, &parts.headers, &tried[..attempt])
-                    .map(|p| (p.backend.clone(), p.set_cookie));
+                    .map(|p| (p.backend, p.set_cookie));
             }
         }
         let Some((backend, set_cookie)) = picked else {
@@ -492,7 +494,7 @@ async fn proxy(
         let result = backend
             .state
             .client_for_next()
-            .forward(&backend, &mut parts, body, timeout, is_last)
+            .forward(backend, &mut parts, body, timeout, is_last)
             .await;
         // One clock read stamps everything this attempt records.
         let done = std::time::Instant::now();
@@ -507,7 +509,7 @@ async fn proxy(
                     m.observe(resp.status().as_u16(), elapsed);
                 }
                 guard.record_at(elapsed, ok, now);
-                pool.observe_at(&backend, ok, now);
+                pool.observe_at(backend, ok, now);
                 let grpc_failed = grpc_retry
                     && resp
                         .headers()
@@ -579,7 +581,7 @@ async fn proxy(
                 if let Some(m) = &backend.state.metrics {
                     m.observe(e.status().as_u16(), elapsed);
                 }
-                pool.observe_at(&backend, false, now);
+                pool.observe_at(backend, false, now);
                 // Every request that gets here twice is idempotent and replayable, so a
                 // connection lost before the answer may be retried too; a timeout is not
                 // (the backend may still be working on it).
