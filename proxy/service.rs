@@ -665,3 +665,20 @@ pub fn error_response(e: &ProxyError) -> Response<Body> {
     }
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_request_ids_are_32_hex_digits_and_distinct() {
+        let ids: Vec<HeaderValue> = (0..1000).map(|_| new_request_id()).collect();
+        for id in &ids {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), 32, "{text}");
+            assert!(text.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        }
+        let distinct: std::collections::HashSet<&HeaderValue> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
+}
