@@ -676,7 +676,9 @@ mod tests {
         for id in &ids {
             let text = id.to_str().unwrap();
             assert_eq!(text.len(), 32, "{text}");
-            assert!(text.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(text
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         }
         let distinct: std::collections::HashSet<&HeaderValue> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len());
