@@ -189,7 +189,7 @@ impl Listener {
                 .tls
                 .as_ref()
                 .map(|t| (t.acceptor(), self.handshakes.clone()));
-            tokio::spawn(async move {
+            let conn = move |stream: tokio::net::TcpStream| async move {
                 let _places = places;
                 let _open = scopeguard_gauge(connections);
                 let mut stream = stream;
@@ -233,7 +233,31 @@ impl Listener {
                     })
                     .await,
                 }
-            });
+            };
+            match crate::workers::get() {
+                None => {
+                    tokio::spawn(conn(stream));
+                }
+                // Per core: the connection moves to the worker with the fewest open
+                // connections and stays there; a burst of connects cannot pile onto one core.
+                Some(workers) => {
+                    let (worker, assigned) = workers.assign();
+                    match stream.into_std() {
+                        Ok(std) => {
+                            worker.spawn(async move {
+                                let _assigned = assigned;
+                                match tokio::net::TcpStream::from_std(std) {
+                                    Ok(stream) => conn(stream).await,
+                                    Err(e) => tracing::warn!(client = %peer, error = %e, "worker cannot take the connection"),
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(client = %peer, error = %e, "cannot hand the connection to a worker")
+                        }
+                    }
+                }
+            }
         }
         tracing::info!(listener = %self.name, "stopped accepting");
     }

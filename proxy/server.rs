@@ -288,41 +288,10 @@ impl Shared {
             .server
             .max_requests_per_connection;
         tracing::info!(listener = %config.name, %addr, tls = tls.is_some(), "listening");
-        let task = match crate::workers::get() {
-            None => {
-                let l = Listener::new(&config, socket, max_requests, tls.clone(), https_port);
-                tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx))
-            }
-            // Per core: every worker accepts from the same socket (its own descriptor of it,
-            // in its own event loop), so a connection is served where it was accepted. One
-            // shared accept queue, so a binary upgrade hands over one socket per listener.
-            Some(workers) => {
-                let std = socket.into_std()?;
-                let mut loops = Vec::new();
-                for h in workers.handles() {
-                    let socket = std.try_clone()?;
-                    let (shared, builder, graceful) =
-                        (self.clone(), self.builder.clone(), graceful.clone());
-                    let (config, tls, stop_rx) = (config.clone(), tls.clone(), stop_rx.clone());
-                    loops.push(h.spawn(async move {
-                        match TcpListener::from_std(socket) {
-                            Ok(socket) => {
-                                let l =
-                                    Listener::new(&config, socket, max_requests, tls, https_port);
-                                l.run(shared, builder, graceful, stop_rx).await
-                            }
-                            Err(e) => tracing::error!(error = %e, "worker cannot listen"),
-                        }
-                    }));
-                }
-                tokio::spawn(async move {
-                    let _socket = std; // the descriptor handed over on upgrade stays open
-                    for l in loops {
-                        let _ = l.await;
-                    }
-                })
-            }
-        };
+        // One accept loop per listener, on this (control) runtime; with per-core workers it
+        // hands each connection to the least-loaded worker (`workers::assign`).
+        let l = Listener::new(&config, socket, max_requests, tls.clone(), https_port);
+        let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
         lock(&self.listeners).push(ListenerHandle {
             config,
             addr,

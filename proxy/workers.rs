@@ -1,8 +1,8 @@
 //! The data plane's threads for `threading = "per_core"`: one single-threaded tokio runtime
-//! per worker thread, each running its own accept loop on every listener and serving the
-//! connections it accepted from start to end, as nginx workers, HAProxy threads and Envoy
-//! workers do. A request never hops threads, so no task wake-up crosses a core, and each
-//! worker keeps its own idle upstream connections (its `slot` in the upstream pools).
+//! per worker thread. Each accepted connection is handed to the worker with the fewest open
+//! connections and served there from start to end, as HAProxy threads and Envoy workers do.
+//! A request never hops threads, so no task wake-up crosses a core, and each worker keeps
+//! its own idle upstream connections (its `slot` in the upstream pools).
 //!
 //! The control plane (admin API, health checks, reloads, signals) stays on the runtime that
 //! started the server.
@@ -22,12 +22,42 @@ thread_local! {
 /// The per-core worker runtimes.
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
+    /// Open client connections per worker.
+    load: Box<[AtomicUsize]>,
 }
 
 impl Workers {
     /// The runtimes, in worker order.
     pub fn handles(&self) -> &[tokio::runtime::Handle] {
         &self.handles
+    }
+
+    /// The worker a new connection goes to: the one with the fewest open connections (the
+    /// accept loop runs on the control thread and hands every connection over, as HAProxy
+    /// spreads accepted connections over its threads). Counted until the guard drops.
+    pub fn assign(&'static self) -> (&'static tokio::runtime::Handle, Assigned) {
+        let i = (0..self.handles.len())
+            .min_by_key(|&i| self.load[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.load[i].fetch_add(1, Ordering::Relaxed);
+        (&self.handles[i], Assigned(&self.load[i]))
+    }
+
+    /// Open connections per worker (for status).
+    pub fn loads(&self) -> Vec<usize> {
+        self.load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// A connection's place in its worker's count.
+pub struct Assigned(&'static AtomicUsize);
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -63,7 +93,8 @@ pub fn start(n: usize) -> std::io::Result<&'static Workers> {
             })?;
         handles.push(rx.recv().map_err(std::io::Error::other)??);
     }
-    Ok(WORKERS.get_or_init(|| Workers { handles }))
+    let load = (0..n).map(|_| AtomicUsize::new(0)).collect();
+    Ok(WORKERS.get_or_init(|| Workers { handles, load }))
 }
 
 /// The worker runtimes, if `start` was called.
