@@ -213,20 +213,39 @@ async fn listener_connection_caps_answer_503_and_requests_per_connection_are_cap
     )
     .replace(
         "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        // 2, not 1: the client may reconnect before the closed connection's task has
-        // given its place back.
+        // 2, not 1: the client reconnects before the closed connection's task has given its
+        // place back.
         "listen = \"127.0.0.1:0\"\nmax_connections_per_ip = 2\n\n[[routes]]",
     );
     let p = proxy(&text).await;
-    let c = client();
+    let addr = p.running.addr("http");
+    // One connection at a time, by hand (a pooled client may open a second one while the
+    // first is still being returned), a new one after each `Connection: close`.
     let mut closes = Vec::new();
+    let mut sender = None;
     for _ in 0..6 {
-        let r = c
-            .request(http::Request::get(p.url.as_str()).body(full("")).unwrap())
+        if sender.is_none() {
+            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (s, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(
+                hyper_util::rt::TokioIo::new(io),
+            )
             .await
             .unwrap();
-        closes.push(r.headers().get("connection").is_some_and(|v| v == "close"));
+            tokio::spawn(conn);
+            sender = Some(s);
+        }
+        let s = sender.as_mut().unwrap();
+        let req = http::Request::get("/")
+            .header("host", "limits")
+            .body(full(""))
+            .unwrap();
+        let r = s.send_request(req).await.unwrap();
+        let close = r.headers().get("connection").is_some_and(|v| v == "close");
         let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+        if close {
+            sender = None;
+        }
+        closes.push(close);
     }
     assert_eq!(closes, [false, false, true, false, false, true]);
 }
