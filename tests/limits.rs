@@ -235,6 +235,7 @@ async fn listener_connection_caps_answer_503_and_requests_per_connection_are_cap
             sender = Some(s);
         }
         let s = sender.as_mut().unwrap();
+        s.ready().await.unwrap();
         let req = http::Request::get("/")
             .header("host", "limits")
             .body(full(""))
