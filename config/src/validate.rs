@@ -850,6 +850,26 @@ backends = [{ address = "127.0.0.1:9001" }]
     }
 
     #[test]
+    fn threading_defaults_to_per_core_and_refuses_unknown_models() {
+        assert_eq!(
+            Config::parse(MIN, "f.toml").unwrap().server.threading,
+            Threading::PerCore
+        );
+        let ws = format!("[server]\nthreading = \"work_stealing\"\n{MIN}");
+        assert_eq!(
+            Config::parse(&ws, "f.toml").unwrap().server.threading,
+            Threading::WorkStealing
+        );
+        let e = errors(&format!("[server]\nthreading = \"per-core\"\n{MIN}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("f.toml:2:13: threading: expected"),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_place() {
         let text = MIN.replace("[pools.web]\n", "[pools.web]\nalgoritm = \"ip_hash\"\n");
         let e = errors(&text);
