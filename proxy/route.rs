@@ -3,7 +3,6 @@
 //! work beyond normalising the host.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use fulcrum_config::{HostMatch, MatchHeader, RouteConfig, RouteTarget};
@@ -20,7 +19,7 @@ pub enum Target {
     Split {
         pools: Vec<Arc<Pool>>,
         sequence: Box<[u32]>,
-        next: AtomicUsize,
+        next: crate::balance::Cursor,
     },
 }
 
@@ -53,7 +52,7 @@ impl Route {
                 Target::Split {
                     pools: list,
                     sequence: smooth_sequence(&weights).into_boxed_slice(),
-                    next: AtomicUsize::new(0),
+                    next: crate::balance::Cursor::new(),
                 }
             }
         };
@@ -98,7 +97,7 @@ impl Route {
                 sequence,
                 next,
             } => {
-                let i = next.fetch_add(1, Ordering::Relaxed) % sequence.len().max(1);
+                let i = next.next() % sequence.len().max(1);
                 &pools[sequence.get(i).copied().unwrap_or(0) as usize]
             }
         }

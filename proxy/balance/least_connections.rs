@@ -7,7 +7,7 @@
 //! rest of a request (about 1 ns per backend), so the pick is power-of-two-choices: two
 //! random backends, the less loaded wins (Mitzenmacher; what Envoy and Finagle do).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::random::SplitMix;
@@ -17,14 +17,14 @@ use crate::pool::Backend;
 pub const EXACT_MAX: usize = 32;
 
 pub struct LeastConnections {
-    next: AtomicUsize,
+    next: crate::balance::Cursor,
     rng: SplitMix,
 }
 
 impl LeastConnections {
     pub fn new(seed: u64) -> Self {
         LeastConnections {
-            next: AtomicUsize::new(0),
+            next: crate::balance::Cursor::new(),
             rng: SplitMix::new(seed),
         }
     }
@@ -88,12 +88,7 @@ impl Selector for LeastConnections {
     fn pick(&self, backends: &[Arc<Backend>], ctx: &PickCtx<'_>) -> Option<usize> {
         match backends.len() {
             0 => None,
-            n if n <= EXACT_MAX => exact_min(
-                backends,
-                ctx,
-                self.next.fetch_add(1, Ordering::Relaxed),
-                less,
-            ),
+            n if n <= EXACT_MAX => exact_min(backends, ctx, self.next.next(), less),
             _ => two_choices(backends, ctx, &self.rng, less),
         }
     }

@@ -5,7 +5,7 @@
 //!
 //! Small pools are scanned exactly; above `EXACT_MAX` backends, power of two choices.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::ewma::now_ns;
@@ -17,7 +17,7 @@ use crate::pool::Backend;
 pub const EXACT_MAX: usize = 8;
 
 pub struct LeastResponseTime {
-    next: AtomicUsize,
+    next: crate::balance::Cursor,
     rng: SplitMix,
     clock: fn() -> u64,
 }
@@ -30,7 +30,7 @@ impl LeastResponseTime {
     /// With another clock (nanoseconds), for tests that move time by hand.
     pub fn with_clock(seed: u64, clock: fn() -> u64) -> Self {
         LeastResponseTime {
-            next: AtomicUsize::new(0),
+            next: crate::balance::Cursor::new(),
             rng: SplitMix::new(seed),
             clock,
         }
@@ -54,7 +54,7 @@ impl Selector for LeastResponseTime {
         }
         // Exact: each score computed once (it costs an `exp`), from a rotating start so
         // equal scores share the traffic.
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.next();
         let mut best: Option<(usize, f64)> = None;
         for k in 0..n {
             let i = (start + k) % n;

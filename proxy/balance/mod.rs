@@ -75,3 +75,37 @@ pub fn build(config: &PoolConfig, backends: &[Arc<Backend>]) -> Box<dyn Selector
         ),
     }
 }
+
+/// A rotating position for round-robin style choices, one per worker thread
+/// (`workers::slot`), each on its own cache line: workers picking at the same moment never
+/// bounce a shared counter between cores, and each walks the whole sequence, so every worker
+/// keeps the exact shares on its own. Outside the workers (tests, the control thread) there
+/// is one position.
+pub struct Cursor(Box<[CursorSlot]>);
+
+#[repr(align(128))]
+struct CursorSlot(std::sync::atomic::AtomicUsize);
+
+impl Cursor {
+    pub fn new() -> Cursor {
+        Cursor(
+            (0..crate::workers::slots())
+                // Workers start at different places, so they do not all begin on backend 0.
+                .map(|i| CursorSlot(std::sync::atomic::AtomicUsize::new(i.wrapping_mul(7919))))
+                .collect(),
+        )
+    }
+
+    /// The next position (callers reduce it modulo their length).
+    pub fn next(&self) -> usize {
+        self.0[crate::workers::slot() % self.0.len()]
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Cursor::new()
+    }
+}

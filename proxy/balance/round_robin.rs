@@ -1,6 +1,5 @@
 //! Plain round-robin: each backend in turn, weights ignored.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{PickCtx, Selector};
@@ -8,7 +7,7 @@ use crate::pool::Backend;
 
 #[derive(Default)]
 pub struct RoundRobin {
-    next: AtomicUsize,
+    next: crate::balance::Cursor,
 }
 
 impl RoundRobin {
@@ -23,7 +22,7 @@ impl Selector for RoundRobin {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self.next.next() % n;
         (0..n).map(|i| (start + i) % n).find(|&i| (ctx.eligible)(i))
     }
 }

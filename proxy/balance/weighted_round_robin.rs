@@ -6,7 +6,6 @@
 //! The sequence interleaves evenly (weights 3:1:1 give `a b a c a`) and every cycle of
 //! total weight holds each backend exactly `weight` times.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::{PickCtx, Selector};
@@ -18,14 +17,14 @@ const MAX_SEQUENCE: u64 = 1 << 16;
 
 pub struct WeightedRoundRobin {
     sequence: Box<[u32]>,
-    next: AtomicUsize,
+    next: crate::balance::Cursor,
 }
 
 impl WeightedRoundRobin {
     pub fn new(weights: &[u32]) -> Self {
         WeightedRoundRobin {
             sequence: smooth_sequence(weights).into_boxed_slice(),
-            next: AtomicUsize::new(0),
+            next: crate::balance::Cursor::new(),
         }
     }
 }
@@ -64,7 +63,7 @@ impl Selector for WeightedRoundRobin {
         if len == 0 || backends.is_empty() {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.next();
         // Walk the table from our slot: skipping an ineligible backend hands its share to the
         // others in the same smooth order.
         for i in 0..len {
