@@ -38,13 +38,12 @@ CONF
 start fulcrum env RUST_LOG=warn "$FULCRUM" -c "$OUT/fulcrum.toml"; FPID=$LAST_PID
 start nginx nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/error.log" -g 'daemon off;'; NPID=$LAST_PID
 wait_http http://127.0.0.1:9795/ready; sleep 1
-ticks() { local t=0; for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do t=$((t + $(sed 's/.*) //' /proc/$p/stat | awk '{print $12 + $13}'))); done; echo $t; }
 printf '%-8s %10s %10s %8s %12s\n' proxy req/s succeeded errored cpu_us/req
 for name in fulcrum nginx; do
     port=9780; pid=$FPID; [[ $name == nginx ]] && { port=9781; pid=$NPID; }
-    t0=$(ticks "$pid")
+    t0=$(cpu_ticks "$pid")
     h2load -n "$REQUESTS" -c 10 -m 100 "http://127.0.0.1:$port/" > "$OUT/$name.txt" 2>&1 || true
-    t1=$(ticks "$pid")
+    t1=$(cpu_ticks "$pid")
     rps=$(awk '/^finished in/ {print $4}' "$OUT/$name.txt")
     ok=$(awk '/^requests:/ {print $8}' "$OUT/$name.txt")
     err=$(awk '/^requests:/ {print $12}' "$OUT/$name.txt")

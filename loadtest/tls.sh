@@ -52,7 +52,6 @@ start fulcrum env RUST_LOG=warn "$FULCRUM" -c "$OUT/fulcrum.toml"; FPID=$LAST_PI
 start nginx nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/error.log" -g 'daemon off;'; NPID=$LAST_PID
 wait_http http://127.0.0.1:9695/ready
 sleep 1
-rss_tree_kib() { local t=0; for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do t=$((t + $(awk '/^VmRSS:/ {print $2}' /proc/$p/status))); done; echo $t; }
 printf '%-8s %14s %12s %9s %20s\n' proxy handshakes/s req/s p99_ms rss_per_idle_conn
 for name in fulcrum nginx; do
     port=9643; pid=$FPID; [[ $name == nginx ]] && { port=9644; pid=$NPID; }
@@ -60,7 +59,7 @@ for name in fulcrum nginx; do
     hs=$(timeout 30 openssl s_time -connect 127.0.0.1:$port -new -time 8 2>/dev/null | awk '/real seconds/ {printf "%.0f", $1 / $4}' || true)
     oha -z "${DURATION}s" -c 64 --insecure --no-tui --output-format json "https://127.0.0.1:$port/" > "$OUT/$name.json"
     rps=$(jq -r '.summary.requestsPerSec | floor' "$OUT/$name.json"); p99=$(jq -r '.latencyPercentiles.p99 * 1000 * 1000 | floor / 1000' "$OUT/$name.json")
-    before=$(rss_tree_kib "$pid")
+    before=$(rss_kib "$pid")
     python3 - "$port" "$IDLE" <<'PY' &
 import socket, ssl, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -73,7 +72,7 @@ time.sleep(4)
 PY
     HOLD=$!
     sleep 3
-    during=$(rss_tree_kib "$pid")
+    during=$(rss_kib "$pid")
     wait $HOLD
     printf '%-8s %14s %12s %9s %17s B\n' "$name" "$hs" "$rps" "$p99" "$(( (during - before) * 1024 / IDLE ))"
 done

@@ -24,7 +24,6 @@ CONF
 start fulcrum env RUST_LOG=warn "$FULCRUM" -c "$OUT/fulcrum.toml"
 FPID=$LAST_PID
 wait_http http://127.0.0.1:9515/ready
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 sleep 0.5
 before=$(rss_kib "$FPID")
 log "holding $SESSIONS sessions through fulcrum"
