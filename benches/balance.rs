@@ -1,9 +1,8 @@
 //! Cost of one pick for every algorithm at 4, 64 and 1,024 backends, on one thread and with
 //! two threads contending on the same selector; and proof that no pick allocates.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,23 +12,8 @@ use fulcrum::config::{Algorithm, PoolConfig};
 use fulcrum::pool::{Backend, BackendState};
 use fulcrum::upstream::UpstreamClient;
 
-/// Counts allocations, so the bench can check that a pick makes none.
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 const ALGORITHMS: [(&str, Algorithm, Option<f64>); 6] = [
     ("round_robin", Algorithm::RoundRobin, None),
@@ -111,11 +95,11 @@ fn picks(c: &mut Criterion) {
         for n in [4usize, 64, 1024] {
             let (backends, selector) = pool(n, algorithm, factor);
             // No pick allocates.
-            let before = ALLOCS.load(Ordering::Relaxed);
+            let before = counting::allocations();
             for i in 0..10_000 {
                 black_box(one_pick(selector.as_ref(), &backends, client(i)));
             }
-            let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+            let allocs = counting::allocations() - before;
             assert_eq!(
                 allocs, 0,
                 "{name} at {n} backends allocated {allocs} times in 10,000 picks"

@@ -4,10 +4,8 @@
 //! heap allocations each costs; the whole-request figure is fulcrum's share (proxied minus
 //! direct).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,34 +19,16 @@ use tokio::net::{TcpListener, TcpStream};
 use fulcrum::config::Config;
 use fulcrum::snapshot::Snapshot;
 
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
 
 /// Allocations per call of `f`, over `n` calls.
 fn allocs_per_call(n: usize, mut f: impl FnMut()) -> f64 {
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = counting::allocations();
     for _ in 0..n {
         f();
     }
-    (ALLOCS.load(Ordering::Relaxed) - before) as f64 / n as f64
+    (counting::allocations() - before) as f64 / n as f64
 }
 
 /// 24 routes: exact hosts, wildcard hosts, prefixes, and a catch-all, as a mid-size edge has.
