@@ -168,6 +168,21 @@ impl UpstreamClient {
         }
     }
 
+    /// fulcrum's own client, when it can carry a request: a plain-http HTTP/1 backend, the
+    /// body already in memory (its bytes returned), no upgrade asked for.
+    fn h1_for(
+        &self,
+        headers: &http::HeaderMap,
+        body: &Body,
+    ) -> Option<(&Arc<h1::H1Pool>, Option<bytes::Bytes>)> {
+        match (&self.h1, body) {
+            (Some(h1), Body::Full(bytes)) if !headers.contains_key(http::header::UPGRADE) => {
+                Some((h1, bytes.clone()))
+            }
+            _ => None,
+        }
+    }
+
     /// Forwards a client's request to `backend`: `parts` is its rewritten head (the URI as
     /// the client sent it), `body` this attempt's body. fulcrum's h1 client only borrows the
     /// head; hyper's needs its own, cloned unless `last` (no attempt after this one) lets it
@@ -180,17 +195,9 @@ impl UpstreamClient {
         timeout: Duration,
         last: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        if let (Some(h1), Body::Full(bytes)) = (&self.h1, &body) {
-            if !parts.headers.contains_key(http::header::UPGRADE) {
-                let sent = h1.send(parts, &backend.authority, bytes.clone());
-                return match tokio::time::timeout(timeout, sent).await {
-                    Err(_) => Err(ProxyError::Timeout {
-                        backend: backend.addr,
-                        timeout,
-                    }),
-                    Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
-                };
-            }
+        if let Some((h1, bytes)) = self.h1_for(&parts.headers, &body) {
+            let sent = h1.send(parts, &backend.authority, bytes);
+            return h1_within(sent, backend.addr, timeout).await;
         }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(backend.scheme.clone());
@@ -229,18 +236,12 @@ impl UpstreamClient {
         req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        if let (Some(h1), Some(authority)) = (&self.h1, req.uri().authority().cloned()) {
-            if !req.headers().contains_key(http::header::UPGRADE) {
-                if let Body::Full(bytes) = req.body() {
-                    let bytes = bytes.clone();
-                    let (parts, _) = req.into_parts();
-                    let sent = h1.send(&parts, &authority, bytes);
-                    return match tokio::time::timeout(timeout, sent).await {
-                        Err(_) => Err(ProxyError::Timeout { backend, timeout }),
-                        Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
-                    };
-                }
-            }
+        if let (Some(authority), Some((h1, bytes))) = (
+            req.uri().authority().cloned(),
+            self.h1_for(req.headers(), req.body()),
+        ) {
+            let (parts, _) = req.into_parts();
+            return h1_within(h1.send(&parts, &authority, bytes), backend, timeout).await;
         }
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout { backend, timeout }),
@@ -254,5 +255,17 @@ impl UpstreamClient {
                 source: Box::new(e),
             }),
         }
+    }
+}
+
+/// An h1 exchange bounded by `timeout` for the response head.
+async fn h1_within(
+    sent: impl std::future::Future<Output = Result<Response<h1::H1Body>, ProxyError>>,
+    backend: SocketAddr,
+    timeout: Duration,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    match tokio::time::timeout(timeout, sent).await {
+        Err(_) => Err(ProxyError::Timeout { backend, timeout }),
+        Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
     }
 }

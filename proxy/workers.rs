@@ -27,11 +27,6 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// The runtimes, in worker order.
-    pub fn handles(&self) -> &[tokio::runtime::Handle] {
-        &self.handles
-    }
-
     /// The worker a new connection goes to: the one with the fewest open connections (the
     /// accept loop runs on the control thread and hands every connection over, as HAProxy
     /// spreads accepted connections over its threads). Counted until the guard drops.
@@ -41,14 +36,6 @@ impl Workers {
             .unwrap_or(0);
         self.load[i].fetch_add(1, Ordering::Relaxed);
         (&self.handles[i], Assigned(&self.load[i]))
-    }
-
-    /// Open connections per worker (for status).
-    pub fn loads(&self) -> Vec<usize> {
-        self.load
-            .iter()
-            .map(|l| l.load(Ordering::Relaxed))
-            .collect()
     }
 }
 
