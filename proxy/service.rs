@@ -257,7 +257,7 @@ async fn respond(
 }
 
 /// GET, HEAD, OPTIONS, PUT, DELETE (and TRACE): repeating them changes nothing more.
-fn idempotent(m: &Method) -> bool {
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE

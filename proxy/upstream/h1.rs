@@ -176,7 +176,9 @@ impl H1Pool {
         // backend never saw the request). A fresh connection's failure is the answer.
         for reuse in [true, false] {
             let (mut conn, reused) = match reuse.then(|| self.checkout()).flatten() {
-                Some(c) if !idempotent(&parts.method) && !still_open(&c) => continue,
+                Some(c) if !crate::service::idempotent(&parts.method) && !still_open(&c) => {
+                    continue
+                }
                 Some(c) => (c, true),
                 None => (self.connect().await?, false),
             };
@@ -238,13 +240,6 @@ impl H1Pool {
         };
         resp.map(|()| body)
     }
-}
-
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// For requests that must not go twice: is the idle connection still open (no FIN, no
