@@ -163,16 +163,20 @@ impl Snapshot {
                         }
                         None => {
                             fresh.push(backends.len());
+                            // Each call is a client of its own (its own connections).
+                            let client = || {
+                                UpstreamClient::new(
+                                    pc.connect_timeout,
+                                    addr,
+                                    (bc.scheme == Scheme::Https)
+                                        .then(|| upstream_tls.clone())
+                                        .flatten(),
+                                    pc.protocol,
+                                )
+                            };
                             Arc::new(
                                 BackendState::new(
-                                    UpstreamClient::new(
-                                        pc.connect_timeout,
-                                        addr,
-                                        (bc.scheme == Scheme::Https)
-                                            .then(|| upstream_tls.clone())
-                                            .flatten(),
-                                        pc.protocol,
-                                    ),
+                                    client(),
                                     DEFAULT_RTT,
                                     pc.health_check.initially_healthy || !pc.health_check.enabled,
                                 )
@@ -181,19 +185,9 @@ impl Snapshot {
                                 .with_metrics(name, &addr.to_string())
                                 .with_h2_connections(
                                     match pc.protocol {
-                                        UpstreamProtocol::H2 | UpstreamProtocol::H2c => (0
-                                            ..H2_EXTRA_CONNECTIONS)
-                                            .map(|_| {
-                                                UpstreamClient::new(
-                                                    pc.connect_timeout,
-                                                    addr,
-                                                    (bc.scheme == Scheme::Https)
-                                                        .then(|| upstream_tls.clone())
-                                                        .flatten(),
-                                                    pc.protocol,
-                                                )
-                                            })
-                                            .collect(),
+                                        UpstreamProtocol::H2 | UpstreamProtocol::H2c => {
+                                            (0..H2_EXTRA_CONNECTIONS).map(|_| client()).collect()
+                                        }
                                         _ => Vec::new(),
                                     },
                                     pc.max_concurrent_streams,
