@@ -14,6 +14,44 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 use crate::pool::InFlight;
 
+/// A client's request body: streamed by hyper (HTTP/2, TLS, chunked or large uploads), or
+/// read whole by fulcrum's own HTTP/1.1 server side (`http1.rs`, bodies up to 64 KiB).
+pub enum RequestBody {
+    Hyper(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(Into::into))),
+            RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
 pub enum Body {
     /// Streamed from the other side, never buffered whole.
     Stream {
@@ -26,7 +64,7 @@ pub enum Body {
     /// Any body, counted for the access log; the line is written when this ends.
     Logged(Box<Body>, Option<crate::accesslog::Entry>),
     /// Bytes already read, then the rest of a streamed body.
-    Prefixed(Option<Bytes>, Incoming),
+    Prefixed(Option<Bytes>, RequestBody),
     /// Compressed on the fly (`compress.rs`).
     Compressed(std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>>),
 }
@@ -41,10 +79,14 @@ impl Body {
         Body::Full(if b.is_empty() { None } else { Some(b) })
     }
 
-    pub fn stream(inner: Incoming) -> Body {
-        Body::Stream {
-            inner: UpstreamBody::Hyper(inner),
-            guard: None,
+    /// A client's request body, passed on as it arrives.
+    pub fn stream(inner: RequestBody) -> Body {
+        match inner {
+            RequestBody::Hyper(inner) => Body::Stream {
+                inner: UpstreamBody::Hyper(inner),
+                guard: None,
+            },
+            RequestBody::Full(b) => Body::Full(b),
         }
     }
 

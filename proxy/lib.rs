@@ -19,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod headers;
 pub mod health;
+pub mod http1;
 pub mod listener;
 pub mod metrics;
 pub mod pool;

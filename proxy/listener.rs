@@ -45,6 +45,8 @@ pub struct Listener {
     pub per_ip: Option<(u32, Arc<DashMap<IpAddr, u32>>)>,
     /// `max_requests_per_connection`.
     pub max_requests: Option<u64>,
+    /// Timeouts and head size for fulcrum's own HTTP/1.1 side.
+    pub limits: crate::http1::Limits,
     /// `fulcrum_connections{listener}`.
     pub connections: metrics::Gauge,
     /// TLS termination, when the listener has `tls`.
@@ -77,7 +79,7 @@ impl Listener {
     pub fn new(
         config: &ListenerConfig,
         socket: TcpListener,
-        max_requests: Option<u64>,
+        server: &ServerConfig,
         tls: Option<Arc<crate::tls::TlsState>>,
         https_port: u16,
     ) -> Listener {
@@ -99,7 +101,8 @@ impl Listener {
             per_ip: config
                 .max_connections_per_ip
                 .map(|n| (n, Arc::new(DashMap::new()))),
-            max_requests,
+            max_requests: server.max_requests_per_connection,
+            limits: crate::http1::Limits::new(server),
             connections: metrics::gauge!(crate::metrics::CONNECTIONS, "listener" => config.name.clone()),
         }
     }
@@ -181,6 +184,7 @@ impl Listener {
                 trusted: self.trusted.clone(),
             };
             let proxy_protocol = self.proxy_protocol;
+            let limits = self.limits;
             let connections = self.connections.clone();
             connections.increment(1.0);
             // One watcher per connection: the shutdown handle itself stays with the accept loop.
@@ -211,7 +215,9 @@ impl Listener {
                 }
                 let info = Arc::new(info);
                 match tls {
-                    None => serve(stream, info, shared, builder, graceful).await,
+                    None => {
+                        crate::http1::serve(stream, info, shared, builder, graceful, limits).await
+                    }
                     // Boxed, so plain connections' tasks are not sized for a TLS session.
                     Some((acceptor, (ok, failed))) => Box::pin(async move {
                         // Bounded like a request head: a client that stalls the handshake goes.
@@ -219,7 +225,7 @@ impl Listener {
                         {
                             Ok(Ok(tls_stream)) => {
                                 ok.increment(1);
-                                serve(tls_stream, info, shared, builder, graceful).await
+                                serve_hyper(tls_stream, info, shared, builder, graceful).await
                             }
                             Ok(Err(e)) => {
                                 failed.increment(1);
@@ -265,8 +271,9 @@ impl Listener {
 
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves one client connection (plain or TLS) until it ends or shutdown drains it.
-async fn serve<I>(
+/// Serves one client connection with hyper (TLS, or what `http1` hands over) until it ends
+/// or shutdown drains it.
+pub(crate) async fn serve_hyper<I>(
     io: I,
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,
@@ -285,7 +292,9 @@ async fn serve<I>(
         let both = both.clone();
         Box::pin(async move {
             let (shared, info) = &*both;
-            Ok::<_, Infallible>(service::handle(shared, info, req).await)
+            Ok::<_, Infallible>(
+                service::handle(shared, info, req.map(crate::body::RequestBody::Hyper)).await,
+            )
         })
     });
     let conn = builder

@@ -77,6 +77,9 @@ pub struct Shared {
     pub sessions: Arc<AtomicU64>,
     /// Set when shutdown's drain time is up: open sessions close.
     pub close_sessions: watch::Sender<bool>,
+    /// Set when shutdown closes idle keep-alive connections (fulcrum's own HTTP/1.1 side;
+    /// hyper's connections hear it through the graceful watcher).
+    pub closing: watch::Sender<bool>,
     pub history: Mutex<VecDeque<HistoryEntry>>,
     /// The store of fleet-wide rate limits (`[redis]`), made at start.
     pub redis: Option<crate::ratelimit::RedisStore>,
@@ -281,16 +284,11 @@ impl Shared {
             .clone()
             .ok_or_else(|| std::io::Error::other("shutting down"))?;
         let (stop, stop_rx) = watch::channel(false);
-        let max_requests = self
-            .snapshot
-            .load()
-            .config
-            .server
-            .max_requests_per_connection;
+        let server = self.snapshot.load().config.server.clone();
         tracing::info!(listener = %config.name, %addr, tls = tls.is_some(), "listening");
         // One accept loop per listener, on this (control) runtime; with per-core workers it
         // hands each connection to the least-loaded worker (`workers::assign`).
-        let l = Listener::new(&config, socket, max_requests, tls.clone(), https_port);
+        let l = Listener::new(&config, socket, &server, tls.clone(), https_port);
         let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
         lock(&self.listeners).push(ListenerHandle {
             config,
@@ -476,6 +474,7 @@ pub async fn start_inherited(
         changes_rejected: AtomicU64::new(0),
         sessions: Arc::new(AtomicU64::new(0)),
         close_sessions: watch::channel(false).0,
+        closing: watch::channel(false).0,
         history: Mutex::new(VecDeque::new()),
         redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
         store_errors: AtomicU64::new(0),
@@ -553,6 +552,7 @@ impl Running {
         // next answer and leave cleanly; only the idle rest is closed by the shutdown below.
         tokio::time::sleep(SHUTDOWN_GRACE.min(drain_timeout)).await;
         let graceful = lock(&shared.graceful).take();
+        shared.closing.send_replace(true);
         let mut clean = match graceful.map(Arc::try_unwrap) {
             Some(Ok(graceful)) => tokio::time::timeout_at(deadline, graceful.shutdown())
                 .await

@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::RequestBody;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::body::Body;
 use crate::error::ProxyError;
@@ -117,7 +117,7 @@ fn new_request_id() -> HeaderValue {
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Response<Body> {
     // Every request carries an id to the backend and back (generated when absent).
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -202,7 +202,7 @@ pub async fn handle(
 }
 
 /// `308 Permanent Redirect` to the same URL over https.
-fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
+fn redirect_to_https(req: &Request<RequestBody>, port: u16) -> Response<Body> {
     let host = req
         .headers()
         .get(header::HOST)
@@ -234,7 +234,7 @@ fn redirect_to_https(req: &Request<Incoming>, port: u16) -> Response<Body> {
 async fn respond(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     ctx: &mut RequestCtx,
 ) -> Response<Body> {
     let grpc = crate::grpc::is_grpc(req.headers());
@@ -267,7 +267,7 @@ pub(crate) fn idempotent(m: &Method) -> bool {
 async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     ctx: &mut RequestCtx,
 ) -> Result<Response<Body>, ProxyError> {
     // An upgrade (WebSocket) keeps the client's connection to splice it after the 101.

@@ -1,0 +1,721 @@
+//! fulcrum's own HTTP/1.1 server side, for plain-TCP client connections.
+//!
+//! Why not hyper's: hyper keeps an 8 KiB read buffer (and its write buffer and dispatcher
+//! state) for the whole life of a connection, so 10,000 idle keep-alive clients cost about
+//! 30 KiB each. Here an idle connection holds no buffer at all, as nginx's do: it waits for
+//! the socket to become readable, and only then allocates one, parses the head with
+//! `httparse` into a `HeaderMap` whose values share that buffer, and frees it once the
+//! exchange is over. The head and the first part of the body go out in one write.
+//!
+//! What this side does not carry (chunked or large uploads, `Expect: 100-continue`,
+//! upgrades such as WebSocket, `CONNECT`, and HTTP/2 by prior knowledge) is handed to hyper
+//! with the bytes already read put back in front, and hyper serves the connection from that
+//! request on. TLS connections are served by hyper throughout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::{Body as _, Frame};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::{Body, RequestBody};
+use crate::server::Shared;
+use crate::service::{self, ConnInfo};
+
+/// Request bodies up to this size (with a `Content-Length`) are read whole before the
+/// request goes on, as nginx buffers request bodies; longer ones are streamed by hyper.
+pub const MAX_BUFFERED_BODY: u64 = 64 * 1024;
+/// The most header lines a request may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// The first allocation for a request; grown up to `max_request_header_bytes`.
+const INITIAL_BUFFER: usize = 4096;
+/// Body parts up to this size are copied next to the head (one write); larger ones are
+/// written on their own.
+const COALESCE: usize = 16 * 1024;
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The timeouts and limits a connection applies, from `[server]`.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// From the first byte of a request (or the accept, for the first one) to its whole head.
+    pub header_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    pub max_head: usize,
+}
+
+impl Limits {
+    pub fn new(cfg: &fulcrum_config::ServerConfig) -> Limits {
+        Limits {
+            header_timeout: cfg.request_header_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_head: cfg.max_request_header_bytes,
+        }
+    }
+}
+
+/// A head parsed, or why not.
+enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    Request(Box<Head>),
+    /// Something this side does not carry: hyper takes the connection over.
+    Handover,
+    Refuse(&'static [u8]),
+}
+
+struct Head {
+    req: Request<()>,
+    length: u64,
+    keep_alive: bool,
+}
+
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 16\r\nconnection: close\r\n\r\n400 bad request\n";
+const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 36\r\nconnection: close\r\n\r\n431 request header fields too large\n";
+const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\nconnection: close\r\n\r\n408 request timeout\n";
+
+/// Serves one plain client connection until it closes, times out, is told to close
+/// (shutdown), or is handed to hyper.
+pub async fn serve(
+    mut stream: TcpStream,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+    limits: Limits,
+) {
+    let mut closing = shared.closing.subscribe();
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    // The first request's head is due within the header timeout of the accept.
+    let mut deadline = Instant::now() + limits.header_timeout;
+    loop {
+        if buf.is_empty() {
+            // Idle: hold no buffer while waiting for the next request.
+            buf = BytesMut::new();
+            let wait = if first {
+                deadline
+            } else {
+                Instant::now() + limits.idle_timeout
+            };
+            tokio::select! {
+                biased;
+                r = stream.readable() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(wait) => return,
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            buf.reserve(INITIAL_BUFFER);
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+            if !first {
+                deadline = Instant::now() + limits.header_timeout;
+            }
+        }
+        if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+            if buf.len() >= H2_PREFACE.len() {
+                return handover(stream, buf, info, shared, builder, graceful).await;
+            }
+            if !read_more(&mut stream, &mut buf, deadline, limits.max_head).await {
+                return;
+            }
+            continue;
+        }
+        let head = match parse(&mut buf, limits.max_head) {
+            Parsed::Request(h) => h,
+            Parsed::Partial => {
+                if buf.len() >= limits.max_head {
+                    return refuse(&mut stream, TOO_LARGE).await;
+                }
+                match tokio::time::timeout_at(
+                    deadline,
+                    read_some(&mut stream, &mut buf, limits.max_head),
+                )
+                .await
+                {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(_) => return refuse(&mut stream, TIMEOUT).await,
+                }
+            }
+            Parsed::Handover => {
+                return handover(stream, buf, info, shared, builder, graceful).await;
+            }
+            Parsed::Refuse(answer) => return refuse(&mut stream, answer).await,
+        };
+        first = false;
+        let Head {
+            req,
+            length,
+            keep_alive,
+        } = *head;
+        // A small body with a length: read it whole (as nginx buffers request bodies).
+        let body = if length == 0 {
+            None
+        } else {
+            let length = length as usize;
+            while buf.len() < length {
+                let due = Instant::now() + limits.header_timeout;
+                match tokio::time::timeout_at(due, read_some(&mut stream, &mut buf, length)).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(_) => return refuse(&mut stream, TIMEOUT).await,
+                }
+            }
+            Some(buf.split_to(length).freeze())
+        };
+        let req = req.map(|()| RequestBody::Full(body));
+        // Boxed: the connection's own future stays small while it waits idle.
+        let keep = Box::pin(exchange(&mut stream, &shared, &info, req, keep_alive)).await;
+        if !keep {
+            return;
+        }
+    }
+}
+
+/// Reads until `buf` grows (true) or the connection ends (false), within `deadline`.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    max: usize,
+) -> bool {
+    matches!(
+        tokio::time::timeout_at(deadline, read_some(stream, buf, max)).await,
+        Ok(true)
+    )
+}
+
+async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> bool {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(
+            want.saturating_sub(buf.len())
+                .clamp(1024, INITIAL_BUFFER * 4),
+        );
+    }
+    matches!(stream.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Writes a canned answer and closes.
+async fn refuse(stream: &mut TcpStream, answer: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Hyper serves the rest of the connection, starting with the bytes already read.
+async fn handover(
+    stream: TcpStream,
+    buf: BytesMut,
+    info: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+) {
+    let io = Rewind {
+        prefix: buf.freeze(),
+        inner: stream,
+    };
+    Box::pin(crate::listener::serve_hyper(
+        io, info, shared, builder, graceful,
+    ))
+    .await
+}
+
+/// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
+/// header values keep sharing them); otherwise `buf` is left as it was.
+fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refuse(TOO_LARGE),
+        Err(_) => return Parsed::Refuse(BAD_REQUEST),
+    };
+    if len > max_head {
+        return Parsed::Refuse(TOO_LARGE);
+    }
+    let version = match r.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let Ok(method) = Method::from_bytes(r.method.unwrap_or("").as_bytes()) else {
+        return Parsed::Refuse(BAD_REQUEST);
+    };
+    if method == Method::CONNECT {
+        return Parsed::Handover;
+    }
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| s.as_ptr() as usize - base;
+    let path = r.path.unwrap_or("");
+    let path_range = (offset(path.as_bytes()), path.len());
+    let mut length: Option<u64> = None;
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = r.headers.len();
+    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let Some(n) = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            else {
+                return Parsed::Refuse(BAD_REQUEST);
+            };
+            if length.is_some_and(|l| l != n) {
+                return Parsed::Refuse(BAD_REQUEST);
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Parsed::Handover;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    keep_alive = true;
+                }
+            }
+        }
+        *span = (offset(name), name.len(), offset(h.value), h.value.len());
+    }
+    let length = length.unwrap_or(0);
+    if length > MAX_BUFFERED_BODY {
+        return Parsed::Handover;
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = match Uri::from_maybe_shared(head.slice(path_range.0..path_range.0 + path_range.1)) {
+        Ok(u) => u,
+        Err(_) => return Parsed::Refuse(BAD_REQUEST),
+    };
+    let mut map = HeaderMap::with_capacity(count);
+    for &(no, nl, vo, vl) in &spans[..count] {
+        let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
+            return Parsed::Refuse(BAD_REQUEST);
+        };
+        // httparse has checked the value's bytes (no control characters but tab).
+        let value = match HeaderValue::from_maybe_shared(head.slice(vo..vo + vl)) {
+            Ok(v) => v,
+            Err(_) => return Parsed::Refuse(BAD_REQUEST),
+        };
+        map.append(name, value);
+    }
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = map;
+    Parsed::Request(Box::new(Head {
+        req,
+        length,
+        keep_alive,
+    }))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Polls the body once: its next frame if it is ready now, else `Pending` (the waker is
+/// registered, so awaiting `frame()` afterwards is correct).
+fn frame_now(
+    body: &mut Body,
+) -> impl std::future::Future<Output = Poll<Option<Result<Frame<Bytes>, BoxError>>>> + '_ {
+    std::future::poll_fn(move |cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)))
+}
+
+/// One request through the service and its answer onto the wire. Returns whether the
+/// connection stays open for another request.
+async fn exchange(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    info: &ConnInfo,
+    req: Request<RequestBody>,
+    keep_alive: bool,
+) -> bool {
+    let head_only = req.method() == Method::HEAD;
+    let version = req.version();
+    let resp: Response<Body> = service::handle(shared, info, req).await;
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let no_body = head_only || status < 200 || status == 204 || status == 304;
+    let mut keep = keep_alive
+        && !parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+    enum Framing {
+        Length(u64),
+        Chunked,
+        Close,
+    }
+    let framing = if no_body {
+        Framing::Length(0)
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else if version == Version::HTTP_11 {
+        Framing::Chunked
+    } else {
+        keep = false;
+        Framing::Close
+    };
+
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_connection = false;
+    for (name, value) in &parts.headers {
+        if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+            continue;
+        }
+        has_connection |= name == header::CONNECTION;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date::append(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) if !no_body => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if !has_connection {
+        if !keep {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    drop(parts);
+
+    if no_body {
+        drop(body);
+        return stream.write_all(&out).await.is_ok() && keep;
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // Take what the body has ready now; write when it would wait (or at the end).
+        let frame = match frame_now(&mut body).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    if stream.write_all(&out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                http_body_util::BodyExt::frame(&mut body).await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                // The backend's body failed mid-way: the client sees a cut response (an
+                // unfinished length or chunked body), never a complete-looking one.
+                tracing::debug!(client = %info.peer, error = %e, "response body ended early");
+                let _ = stream.write_all(&out).await;
+                return false;
+            }
+            Some(Ok(f)) => {
+                let Ok(data) = f.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if matches!(framing, Framing::Chunked) {
+                    let mut hex = [0u8; 16];
+                    out.extend_from_slice(hex_len(data.len(), &mut hex));
+                    out.extend_from_slice(b"\r\n");
+                }
+                if data.len() <= COALESCE {
+                    out.extend_from_slice(&data);
+                } else {
+                    if !out.is_empty() {
+                        if stream.write_all(&out).await.is_err() {
+                            return false;
+                        }
+                        out.clear();
+                    }
+                    if stream.write_all(&data).await.is_err() {
+                        return false;
+                    }
+                }
+                if matches!(framing, Framing::Chunked) {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() > COALESCE {
+                    if stream.write_all(&out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+            }
+        }
+    }
+    let complete = match framing {
+        Framing::Length(n) => sent == n,
+        Framing::Chunked => {
+            out.extend_from_slice(b"0\r\n\r\n");
+            true
+        }
+        Framing::Close => true,
+    };
+    if !out.is_empty() && stream.write_all(&out).await.is_err() {
+        return false;
+    }
+    if !complete {
+        tracing::debug!(client = %info.peer, "response body shorter than its length");
+    }
+    complete && keep
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The `Date` header, formatted once a second per thread.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+    }
+
+    pub fn append(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != secs {
+                let text = httpdate::fmt_http_date(now);
+                if text.len() == 29 {
+                    c.1.copy_from_slice(text.as_bytes());
+                    c.0 = secs;
+                }
+            }
+            out.extend_from_slice(&c.1);
+        });
+    }
+}
+
+/// The bytes already read, then the socket: how hyper takes a connection over.
+pub struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            let part = self.prefix.split_to(n);
+            out.put_slice(&part);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(text: &[u8]) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(text);
+        let p = parse(&mut buf, 32 * 1024);
+        (p, buf)
+    }
+
+    #[test]
+    fn a_head_is_parsed_with_values_sharing_the_buffer_and_the_rest_left() {
+        let (p, rest) =
+            parsed(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\nGET /next");
+        let Parsed::Request(h) = p else {
+            panic!("not parsed")
+        };
+        assert_eq!(h.req.method(), Method::GET);
+        assert_eq!(h.req.uri(), "/a?b=1");
+        assert_eq!(h.req.version(), Version::HTTP_11);
+        assert_eq!(h.req.headers()["host"], "x");
+        let all: Vec<_> = h.req.headers().get_all("x-a").iter().collect();
+        assert_eq!(all, ["1", "2"]);
+        assert!(h.keep_alive);
+        assert_eq!(h.length, 0);
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_tokens() {
+        let ka = |t: &[u8]| match parsed(t).0 {
+            Parsed::Request(h) => h.keep_alive,
+            _ => panic!("not parsed"),
+        };
+        assert!(!ka(b"GET / HTTP/1.1\r\nConnection: foo, Close\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+    }
+
+    #[test]
+    fn what_this_side_does_not_carry_goes_to_hyper_untouched() {
+        for text in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+            b"CONNECT x:443 HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+        ] {
+            let (p, rest) = parsed(text);
+            assert!(
+                matches!(p, Parsed::Handover),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+            assert_eq!(&rest[..], text, "the bytes stay for hyper");
+        }
+    }
+
+    #[test]
+    fn malformed_heads_and_conflicting_lengths_are_refused() {
+        for text in [
+            &b"GARBAGE\x01 / NOT-HTTP\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parsed(text).0, Parsed::Refuse(BAD_REQUEST)),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        assert!(matches!(
+            parsed(b"GET / HTTP/1.1\r\nHost: x\r\n").0,
+            Parsed::Partial
+        ));
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(matches!(parsed(&many).0, Parsed::Refuse(TOO_LARGE)));
+    }
+
+    #[test]
+    fn canned_answers_have_the_lengths_they_declare() {
+        for answer in [BAD_REQUEST, TOO_LARGE, TIMEOUT] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let declared: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(declared, body.len(), "{head}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_and_hex() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
+        assert_eq!(
+            itoa(u64::MAX, &mut [0; 20]),
+            u64::MAX.to_string().as_bytes()
+        );
+        assert_eq!(hex_len(0, &mut [0; 16]), b"0");
+        assert_eq!(hex_len(0x1f40, &mut [0; 16]), b"1f40");
+    }
+}
