@@ -22,8 +22,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame};
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -87,117 +85,152 @@ const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plai
 
 /// Serves one plain client connection until it closes, times out, is told to close
 /// (shutdown), or is handed to hyper.
-pub async fn serve(
-    mut stream: TcpStream,
-    info: Arc<ConnInfo>,
+///
+/// Not an `async fn`: those store every argument twice (once as passed, once as moved into
+/// the body), and this future is what each idle connection costs.
+pub fn serve<K: Send + 'static>(
+    std: std::net::TcpStream,
+    info: ConnInfo,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
     graceful: Watcher,
-    limits: Limits,
-) {
-    let mut closing = shared.closing.subscribe();
-    let mut buf = BytesMut::new();
-    let mut first = true;
-    // The first request's head is due within the header timeout of the accept.
-    let mut deadline = Instant::now() + limits.header_timeout;
-    loop {
-        if buf.is_empty() {
-            // Idle: hold no buffer while waiting for the next request.
-            buf = BytesMut::new();
-            let wait = if first {
-                deadline
-            } else {
-                Instant::now() + limits.idle_timeout
-            };
-            tokio::select! {
-                biased;
-                r = stream.readable() => if r.is_err() { return },
-                _ = tokio::time::sleep_until(wait) => return,
-                _ = closing.wait_for(|c| *c) => return,
-            }
-            buf.reserve(INITIAL_BUFFER);
-            match stream.try_read_buf(&mut buf) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return,
-            }
-            if !first {
-                deadline = Instant::now() + limits.header_timeout;
-            }
-        }
-        if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
-            if buf.len() >= H2_PREFACE.len() {
-                return handover(stream, buf, info, shared, builder, graceful).await;
-            }
-            if !read_more(&mut stream, &mut buf, deadline, limits.max_head).await {
-                return;
-            }
-            continue;
-        }
-        let head = match parse(&mut buf, limits.max_head) {
-            Parsed::Request(h) => h,
-            Parsed::Partial => {
-                if buf.len() >= limits.max_head {
-                    return refuse(&mut stream, TOO_LARGE).await;
-                }
-                match tokio::time::timeout_at(
-                    deadline,
-                    read_some(&mut stream, &mut buf, limits.max_head),
-                )
-                .await
-                {
-                    Ok(true) => continue,
-                    Ok(false) => return,
-                    Err(_) => return refuse(&mut stream, TIMEOUT).await,
-                }
-            }
-            Parsed::Handover => {
-                return handover(stream, buf, info, shared, builder, graceful).await;
-            }
-            Parsed::Refuse(answer) => return refuse(&mut stream, answer).await,
+    keep: K,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        // What the connection holds until it ends (its places under the caps, gauges).
+        let _keep = &keep;
+        // Registered with the reactor of the runtime (worker) that serves it.
+        let mut stream = match TcpStream::from_std(std) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "cannot serve the connection"),
         };
-        first = false;
-        let Head {
-            req,
-            length,
-            keep_alive,
-        } = *head;
-        // A small body with a length: read it whole (as nginx buffers request bodies).
-        let body = if length == 0 {
-            None
-        } else {
-            let length = length as usize;
-            while buf.len() < length {
-                let due = Instant::now() + limits.header_timeout;
-                match tokio::time::timeout_at(due, read_some(&mut stream, &mut buf, length)).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(_) => return refuse(&mut stream, TIMEOUT).await,
+        let mut closing = shared.closing.subscribe();
+        let mut buf = BytesMut::new();
+        // The first request's head is due within the header timeout of the accept.
+        let mut first = Some(Instant::now() + info.listener.limits.header_timeout);
+        loop {
+            if buf.is_empty() {
+                // Idle: hold no buffer while waiting for the next request.
+                buf = BytesMut::new();
+                let wait =
+                    first.unwrap_or_else(|| Instant::now() + info.listener.limits.idle_timeout);
+                tokio::select! {
+                    biased;
+                    // Polled in place: no waiter is stored for it (`readable()` would add 152 bytes
+                    // to every idle connection).
+                    r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => if r.is_err() { return },
+                    _ = tokio::time::sleep_until(wait) => return,
+                    _ = closing.wait_for(|c| *c) => return,
+                }
+                buf.reserve(INITIAL_BUFFER);
+                match stream.try_read_buf(&mut buf) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
                 }
             }
-            Some(buf.split_to(length).freeze())
-        };
-        let req = req.map(|()| RequestBody::Full(body));
-        // Boxed: the connection's own future stays small while it waits idle.
-        let keep = Box::pin(exchange(&mut stream, &shared, &info, req, keep_alive)).await;
-        if !keep {
-            return;
+            // Everything a request needs lives in this boxed future, so that the connection's
+            // own task (what an idle connection costs) stays a few hundred bytes.
+            let limits = info.listener.limits;
+            let deadline = first.unwrap_or_else(|| Instant::now() + limits.header_timeout);
+            let next = Box::pin(request(
+                &mut stream,
+                &mut buf,
+                &shared,
+                &info,
+                limits,
+                deadline,
+                first.is_some(),
+            ))
+            .await;
+            match next {
+                Next::KeepAlive => first = None,
+                Next::Close => return,
+                Next::Handover => {
+                    let io = Rewind {
+                        prefix: buf.freeze(),
+                        inner: stream,
+                    };
+                    return Box::pin(crate::listener::serve_hyper(
+                        io,
+                        Arc::new(info),
+                        shared,
+                        graceful,
+                    ))
+                    .await;
+                }
+            }
         }
     }
 }
 
-/// Reads until `buf` grows (true) or the connection ends (false), within `deadline`.
-async fn read_more(
+/// What the connection does after a request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// hyper serves the rest, from the bytes in the buffer on.
+    Handover,
+}
+
+/// Reads one request's head (and small body) from `buf` and the socket, runs the exchange.
+async fn request(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    shared: &Shared,
+    info: &ConnInfo,
+    limits: Limits,
     deadline: Instant,
-    max: usize,
-) -> bool {
-    matches!(
-        tokio::time::timeout_at(deadline, read_some(stream, buf, max)).await,
-        Ok(true)
-    )
+    first: bool,
+) -> Next {
+    let head = loop {
+        if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+            if buf.len() >= H2_PREFACE.len() {
+                return Next::Handover;
+            }
+        } else {
+            match parse(buf, limits.max_head) {
+                Parsed::Request(h) => break h,
+                Parsed::Partial if buf.len() >= limits.max_head => {
+                    return refuse(stream, TOO_LARGE).await;
+                }
+                Parsed::Partial => {}
+                Parsed::Handover => return Next::Handover,
+                Parsed::Refuse(answer) => return refuse(stream, answer).await,
+            }
+        }
+        match tokio::time::timeout_at(deadline, read_some(stream, buf, limits.max_head)).await {
+            Ok(true) => {}
+            Ok(false) => return Next::Close,
+            Err(_) => return refuse(stream, TIMEOUT).await,
+        }
+    };
+    let Head {
+        req,
+        length,
+        keep_alive,
+    } = *head;
+    // A small body with a length: read it whole (as nginx buffers request bodies), each
+    // read due within the header timeout.
+    let body = if length == 0 {
+        None
+    } else {
+        let length = length as usize;
+        while buf.len() < length {
+            let due = Instant::now() + limits.header_timeout;
+            match tokio::time::timeout_at(due, read_some(stream, buf, length)).await {
+                Ok(true) => {}
+                Ok(false) => return Next::Close,
+                Err(_) => return refuse(stream, TIMEOUT).await,
+            }
+        }
+        Some(buf.split_to(length).freeze())
+    };
+    let req = req.map(|()| RequestBody::Full(body));
+    if exchange(stream, shared, info, req, keep_alive).await {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    }
 }
 
 async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> bool {
@@ -211,28 +244,10 @@ async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> b
 }
 
 /// Writes a canned answer and closes.
-async fn refuse(stream: &mut TcpStream, answer: &[u8]) {
+async fn refuse(stream: &mut TcpStream, answer: &[u8]) -> Next {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     let _ = stream.shutdown().await;
-}
-
-/// Hyper serves the rest of the connection, starting with the bytes already read.
-async fn handover(
-    stream: TcpStream,
-    buf: BytesMut,
-    info: Arc<ConnInfo>,
-    shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
-    graceful: Watcher,
-) {
-    let io = Rewind {
-        prefix: buf.freeze(),
-        inner: stream,
-    };
-    Box::pin(crate::listener::serve_hyper(
-        io, info, shared, builder, graceful,
-    ))
-    .await
+    Next::Close
 }
 
 /// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
@@ -717,5 +732,53 @@ mod tests {
         );
         assert_eq!(hex_len(0, &mut [0; 16]), b"0");
         assert_eq!(hex_len(0x1f40, &mut [0; 16]), b"1f40");
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn probe() {
+        eprintln!("SIZE sleep {}", std::mem::size_of::<tokio::time::Sleep>());
+        eprintln!(
+            "SIZE watch rx {}",
+            std::mem::size_of::<tokio::sync::watch::Receiver<bool>>()
+        );
+        eprintln!("SIZE bytesmut {}", std::mem::size_of::<bytes::BytesMut>());
+        eprintln!(
+            "SIZE stream {}",
+            std::mem::size_of::<tokio::net::TcpStream>()
+        );
+        eprintln!(
+            "SIZE builder {}",
+            std::mem::size_of::<
+                hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+            >()
+        );
+        eprintln!(
+            "SIZE conninfo {}",
+            std::mem::size_of::<crate::service::ConnInfo>()
+        );
+        fn sz<T>(_: &T) -> usize {
+            std::mem::size_of::<T>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            eprintln!("SIZE readable {}", sz(&s.readable()));
+            let (tx, mut rx) = tokio::sync::watch::channel(false);
+            eprintln!("SIZE wait_for {}", sz(&rx.wait_for(|c| *c)));
+            drop(tx);
+            eprintln!(
+                "SIZE guards {}",
+                std::mem::size_of::<crate::listener::Guards>()
+            );
+            eprintln!("SIZE limits {}", std::mem::size_of::<super::Limits>());
+        });
     }
 }

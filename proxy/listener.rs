@@ -43,21 +43,16 @@ pub struct Listener {
     pub slots: Option<Arc<Semaphore>>,
     /// `max_connections_per_ip`, with the count per client address.
     pub per_ip: Option<(u32, Arc<DashMap<IpAddr, u32>>)>,
-    /// `max_requests_per_connection`.
-    pub max_requests: Option<u64>,
-    /// Timeouts and head size for fulcrum's own HTTP/1.1 side.
-    pub limits: crate::http1::Limits,
+    /// What its connections share.
+    pub info: Arc<crate::service::ListenerInfo>,
     /// `fulcrum_connections{listener}`.
     pub connections: metrics::Gauge,
     /// TLS termination, when the listener has `tls`.
     pub tls: Option<Arc<crate::tls::TlsState>>,
     /// `fulcrum_tls_handshakes_total{listener, result}`: success, failure.
     handshakes: (metrics::Counter, metrics::Counter),
-    /// `redirect_https`: answer 308 to https (with this port; 443 is left out).
-    pub redirect_https: Option<u16>,
-    /// `proxy_protocol`, and whose PROXY header / X-Forwarded-For is believed.
+    /// `proxy_protocol`: connections start with a PROXY header (from `trusted_proxies` only).
     pub proxy_protocol: bool,
-    pub trusted: Arc<[fulcrum_config::Cidr]>,
 }
 
 /// The answer to a connection over a cap, written straight to the socket.
@@ -84,15 +79,24 @@ impl Listener {
         https_port: u16,
     ) -> Listener {
         let name = config.name.clone();
+        let info = Arc::new(crate::service::ListenerInfo {
+            name: Arc::from(config.name.as_str()),
+            tls: tls.is_some(),
+            max_requests: server.max_requests_per_connection,
+            hsts: tls.as_ref().and_then(|t| t.hsts.clone()),
+            // `redirect_https`: answer 308 to https (with this port; 443 is left out).
+            redirect_https: config.redirect_https.then_some(https_port),
+            trusted: config.trusted_proxies.clone().into(),
+            limits: crate::http1::Limits::new(server),
+        });
         Listener {
             proxy_protocol: config.proxy_protocol,
-            trusted: config.trusted_proxies.clone().into(),
+            info,
             tls,
             handshakes: (
                 metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name.clone(), "result" => "success"),
                 metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name, "result" => "failure"),
             ),
-            redirect_https: config.redirect_https.then_some(https_port),
             name: Arc::from(config.name.as_str()),
             socket,
             slots: config
@@ -101,8 +105,6 @@ impl Listener {
             per_ip: config
                 .max_connections_per_ip
                 .map(|n| (n, Arc::new(DashMap::new()))),
-            max_requests: server.max_requests_per_connection,
-            limits: crate::http1::Limits::new(server),
             connections: metrics::gauge!(crate::metrics::CONNECTIONS, "listener" => config.name.clone()),
         }
     }
@@ -135,7 +137,6 @@ impl Listener {
     pub async fn run(
         self,
         shared: Arc<Shared>,
-        builder: auto::Builder<TokioExecutor>,
         graceful: Arc<GracefulShutdown>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -154,7 +155,7 @@ impl Listener {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let trusted_peer = self.trusted.iter().any(|c| c.contains(peer.ip()));
+            let trusted_peer = self.info.trusted.iter().any(|c| c.contains(peer.ip()));
             if self.proxy_protocol && !trusted_peer {
                 // A PROXY header is believed only from the L4 balancers we were told about.
                 tracing::debug!(listener = %self.name, client = %peer, "PROXY protocol from an untrusted peer: closed");
@@ -173,96 +174,57 @@ impl Listener {
                 });
                 continue;
             };
-            let mut info = ConnInfo {
-                listener: self.name.clone(),
+            let info = ConnInfo {
+                listener: self.info.clone(),
                 peer,
-                tls: self.tls.is_some(),
                 served: std::sync::atomic::AtomicU64::new(0),
-                max_requests: self.max_requests,
-                hsts: self.tls.as_ref().and_then(|t| t.hsts.clone()),
-                redirect_https: self.redirect_https,
-                trusted: self.trusted.clone(),
             };
-            let proxy_protocol = self.proxy_protocol;
-            let limits = self.limits;
             let connections = self.connections.clone();
             connections.increment(1.0);
             // One watcher per connection: the shutdown handle itself stays with the accept loop.
-            let (shared, builder, graceful) = (shared.clone(), builder.clone(), graceful.watcher());
-            let tls = self
-                .tls
-                .as_ref()
-                .map(|t| (t.acceptor(), self.handshakes.clone()));
-            let conn = move |stream: tokio::net::TcpStream| async move {
-                let _places = places;
-                let _open = scopeguard_gauge(connections);
-                let mut stream = stream;
-                if proxy_protocol {
-                    match Box::pin(tokio::time::timeout(
-                        HANDSHAKE_TIMEOUT,
-                        crate::proxy_protocol::read_header(&mut stream),
-                    ))
-                    .await
-                    {
-                        Ok(Ok(Some(client))) => info.peer = client,
-                        Ok(Ok(None)) => {}
-                        Ok(Err(e)) => {
-                            tracing::debug!(client = %peer, error = %e, "PROXY protocol header refused");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
-                }
-                let info = Arc::new(info);
-                match tls {
-                    None => {
-                        crate::http1::serve(stream, info, shared, builder, graceful, limits).await
-                    }
-                    // Boxed, so plain connections' tasks are not sized for a TLS session.
-                    Some((acceptor, (ok, failed))) => Box::pin(async move {
-                        // Bounded like a request head: a client that stalls the handshake goes.
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls_stream)) => {
-                                ok.increment(1);
-                                serve_hyper(tls_stream, info, shared, builder, graceful).await
-                            }
-                            Ok(Err(e)) => {
-                                failed.increment(1);
-                                tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                failed.increment(1);
-                                tracing::debug!(client = %peer, "TLS handshake timed out");
-                            }
-                        }
-                    })
-                    .await,
+            let (shared, graceful) = (shared.clone(), graceful.watcher());
+            // What a connection's task captures it keeps for its whole life, so a plain
+            // connection captures little; TLS and PROXY-protocol ones take the boxed path.
+            let how = if self.proxy_protocol || self.tls.is_some() {
+                Err(Box::new(Wrapped {
+                    info,
+                    proxy_protocol: self.proxy_protocol,
+                    tls: self
+                        .tls
+                        .as_ref()
+                        .map(|t| (t.acceptor(), self.handshakes.clone())),
+                }))
+            } else {
+                Ok(info)
+            };
+            let std = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(client = %peer, error = %e, "cannot hand the connection over");
+                    continue;
                 }
             };
-            match crate::workers::get() {
-                None => {
-                    tokio::spawn(conn(stream));
+            // Per core: the connection moves to the worker with the fewest open connections
+            // and stays there; a burst of connects cannot pile onto one core.
+            let (worker, assigned) = match crate::workers::get() {
+                Some(w) => {
+                    let (h, a) = w.assign();
+                    (Some(h), Some(a))
                 }
-                // Per core: the connection moves to the worker with the fewest open
-                // connections and stays there; a burst of connects cannot pile onto one core.
-                Some(workers) => {
-                    let (worker, assigned) = workers.assign();
-                    match stream.into_std() {
-                        Ok(std) => {
-                            worker.spawn(async move {
-                                let _assigned = assigned;
-                                match tokio::net::TcpStream::from_std(std) {
-                                    Ok(stream) => conn(stream).await,
-                                    Err(e) => tracing::warn!(client = %peer, error = %e, "worker cannot take the connection"),
-                                }
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(client = %peer, error = %e, "cannot hand the connection to a worker")
-                        }
-                    }
-                }
+                None => (None, None),
+            };
+            let guards = Guards {
+                _places: places,
+                _open: scopeguard_gauge(connections),
+                _assigned: assigned,
+            };
+            match how {
+                // The task is the connection's future itself, nothing wrapped around it.
+                Ok(info) => spawn_on(
+                    worker,
+                    crate::http1::serve(std, info, shared, graceful, guards),
+                ),
+                Err(w) => spawn_on(worker, Box::pin(w.serve(std, shared, graceful, guards))),
             }
         }
         tracing::info!(listener = %self.name, "stopped accepting");
@@ -271,24 +233,93 @@ impl Listener {
 
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A connection that starts with a PROXY header or a TLS handshake.
+struct Wrapped {
+    info: ConnInfo,
+    proxy_protocol: bool,
+    tls: Option<(
+        tokio_rustls::TlsAcceptor,
+        (metrics::Counter, metrics::Counter),
+    )>,
+}
+
+impl Wrapped {
+    async fn serve(
+        self,
+        std: std::net::TcpStream,
+        shared: Arc<Shared>,
+        graceful: hyper_util::server::graceful::Watcher,
+        guards: Guards,
+    ) {
+        let mut stream = match tokio::net::TcpStream::from_std(std) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "worker cannot take the connection"),
+        };
+        let Wrapped {
+            mut info,
+            proxy_protocol,
+            tls,
+        } = self;
+        let peer = info.peer;
+        if proxy_protocol {
+            match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                crate::proxy_protocol::read_header(&mut stream),
+            )
+            .await
+            {
+                Ok(Ok(Some(client))) => info.peer = client,
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(client = %peer, error = %e, "PROXY protocol header refused");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        let Some((acceptor, (ok, failed))) = tls else {
+            return match stream.into_std() {
+                Ok(std) => crate::http1::serve(std, info, shared, graceful, guards).await,
+                Err(e) => tracing::warn!(error = %e, "cannot serve the connection"),
+            };
+        };
+        let _guards = guards;
+        // Bounded like a request head: a client that stalls the handshake goes.
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => {
+                ok.increment(1);
+                serve_hyper(tls_stream, Arc::new(info), shared, graceful).await
+            }
+            Ok(Err(e)) => {
+                failed.increment(1);
+                tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+            }
+            Err(_) => {
+                failed.increment(1);
+                tracing::debug!(client = %peer, "TLS handshake timed out");
+            }
+        }
+    }
+}
+
 /// Serves one client connection with hyper (TLS, or what `http1` hands over) until it ends
 /// or shutdown drains it.
 pub(crate) async fn serve_hyper<I>(
     io: I,
     info: Arc<ConnInfo>,
     shared: Arc<Shared>,
-    builder: auto::Builder<TokioExecutor>,
     graceful: hyper_util::server::graceful::Watcher,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
+    let builder = shared.builder.clone();
     // The request future is boxed: hyper keeps one slot of the service future's size per
     // connection for its whole life, and an idle keep-alive connection should not hold 4 KB.
     // One per-connection Arc cloned per request: the process-wide `Shared` count is not
     // touched per request (its cache line would bounce between the worker cores).
     let both = Arc::new((shared, info));
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let both = both.clone();
         Box::pin(async move {
             let (shared, info) = &*both;
@@ -305,15 +336,35 @@ pub(crate) async fn serve_hyper<I>(
     }
 }
 
-/// Decrements a gauge when the connection's task ends, however it ends.
-fn scopeguard_gauge(g: metrics::Gauge) -> impl Drop {
-    struct Dec(metrics::Gauge);
-    impl Drop for Dec {
-        fn drop(&mut self) {
-            self.0.decrement(1.0);
-        }
+/// What a connection holds until it ends: its places under the caps, its count in the
+/// `fulcrum_connections` gauge and in its worker's load.
+pub(crate) struct Guards {
+    _places: (Option<OwnedSemaphorePermit>, Option<IpSlot>),
+    _open: Gauged,
+    _assigned: Option<crate::workers::Assigned>,
+}
+
+fn spawn_on<F>(worker: Option<&'static tokio::runtime::Handle>, task: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match worker {
+        Some(h) => drop(h.spawn(task)),
+        None => drop(tokio::spawn(task)),
     }
-    Dec(g)
+}
+
+/// Decrements a gauge when the connection's task ends, however it ends.
+fn scopeguard_gauge(g: metrics::Gauge) -> Gauged {
+    Gauged(g)
+}
+
+pub(crate) struct Gauged(metrics::Gauge);
+
+impl Drop for Gauged {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

@@ -69,7 +69,7 @@ pub struct Shared {
     /// Backends being drained (shown by `/status`).
     pub drains: Mutex<Vec<Drain>>,
     pub(crate) listeners: Mutex<Vec<ListenerHandle>>,
-    builder: auto::Builder<TokioExecutor>,
+    pub(crate) builder: auto::Builder<TokioExecutor>,
     graceful: Mutex<Option<Arc<GracefulShutdown>>>,
     pub changes_applied: AtomicU64,
     pub changes_rejected: AtomicU64,
@@ -289,7 +289,7 @@ impl Shared {
         // One accept loop per listener, on this (control) runtime; with per-core workers it
         // hands each connection to the least-loaded worker (`workers::assign`).
         let l = Listener::new(&config, socket, &server, tls.clone(), https_port);
-        let task = tokio::spawn(l.run(self.clone(), self.builder.clone(), graceful, stop_rx));
+        let task = tokio::spawn(l.run(self.clone(), graceful, stop_rx));
         lock(&self.listeners).push(ListenerHandle {
             config,
             addr,

@@ -24,13 +24,20 @@ use crate::websocket;
 const REPLAY_LIMIT: u64 = 64 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// What a request knows about the connection it came on.
+/// What a request knows about the connection it came on (kept small: an idle client
+/// connection holds one).
 pub struct ConnInfo {
-    pub listener: Arc<str>,
+    pub listener: Arc<ListenerInfo>,
     pub peer: SocketAddr,
-    pub tls: bool,
-    /// Requests served on this connection, and the cap (`max_requests_per_connection`).
+    /// Requests served on this connection (against `max_requests_per_connection`).
     pub served: std::sync::atomic::AtomicU64,
+}
+
+/// What every connection of one listener shares.
+pub struct ListenerInfo {
+    pub name: Arc<str>,
+    pub tls: bool,
+    /// `max_requests_per_connection`.
     pub max_requests: Option<u64>,
     /// `Strict-Transport-Security` for TLS listeners that set `hsts`.
     pub hsts: Option<HeaderValue>,
@@ -38,6 +45,8 @@ pub struct ConnInfo {
     pub redirect_https: Option<u16>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted: Arc<[fulcrum_config::Cidr]>,
+    /// Timeouts and head size for fulcrum's own HTTP/1.1 side.
+    pub limits: crate::http1::Limits,
 }
 
 impl ConnInfo {
@@ -45,7 +54,7 @@ impl ConnInfo {
     /// nearest `X-Forwarded-For` hop that is not itself trusted. It drives ip_hash, rate
     /// limits and the access log.
     pub fn client_ip(&self, headers: &http::HeaderMap) -> std::net::IpAddr {
-        let trusted = |ip: std::net::IpAddr| self.trusted.iter().any(|c| c.contains(ip));
+        let trusted = |ip: std::net::IpAddr| self.listener.trusted.iter().any(|c| c.contains(ip));
         let mut client = self.peer.ip();
         if !trusted(client) {
             return client;
@@ -146,7 +155,7 @@ pub async fn handle(
         )
     });
     let mut ctx = RequestCtx::default();
-    let mut resp = match conn.redirect_https {
+    let mut resp = match conn.listener.redirect_https {
         Some(port) => redirect_to_https(&req, port),
         None => respond(shared, conn, req, &mut ctx).await,
     };
@@ -156,7 +165,7 @@ pub async fn handle(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(hsts) = &conn.hsts {
+    if let Some(hsts) = &conn.listener.hsts {
         resp.headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
@@ -171,7 +180,7 @@ pub async fn handle(
             log,
             started,
             client: ctx.client.unwrap_or(conn.peer.ip()),
-            listener: conn.listener.clone(),
+            listener: conn.listener.name.clone(),
             method,
             path,
             version,
@@ -186,7 +195,7 @@ pub async fn handle(
         };
         resp = resp.map(|b| Body::Logged(Box::new(b), Some(entry)));
     }
-    if let Some(max) = conn.max_requests {
+    if let Some(max) = conn.listener.max_requests {
         // The last request a connection may carry: tell the client, and hyper closes it.
         if conn
             .served
@@ -296,7 +305,7 @@ async fn proxy(
         let route = snap
             .router
             .find(
-                &conn.listener,
+                &conn.listener.name,
                 host.as_ref().and_then(|h| h.to_str().ok()),
                 parts.uri.path(),
                 &parts.headers,
@@ -369,7 +378,12 @@ async fn proxy(
     }
 
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls, host.as_ref());
+    headers::add_forwarded(
+        &mut parts.headers,
+        conn.peer.ip(),
+        conn.listener.tls,
+        host.as_ref(),
+    );
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host) {
         parts.headers.insert(header::HOST, h.clone());
     }
