@@ -117,9 +117,7 @@ impl http_body::Body for Body {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Prefixed(prefix, inner) => match prefix.take() {
                 Some(b) if !b.is_empty() => Poll::Ready(Some(Ok(Frame::data(b)))),
-                _ => Pin::new(inner)
-                    .poll_frame(cx)
-                    .map(|o| o.map(|r| r.map_err(Into::into))),
+                _ => Pin::new(inner).poll_frame(cx),
             },
             Body::Compressed(stream) => match stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),

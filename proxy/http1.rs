@@ -88,6 +88,7 @@ const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plai
 ///
 /// Not an `async fn`: those store every argument twice (once as passed, once as moved into
 /// the body), and this future is what each idle connection costs.
+#[allow(clippy::manual_async_fn)]
 pub fn serve<K: Send + 'static>(
     std: std::net::TcpStream,
     info: ConnInfo,
@@ -732,53 +733,5 @@ mod tests {
         );
         assert_eq!(hex_len(0, &mut [0; 16]), b"0");
         assert_eq!(hex_len(0x1f40, &mut [0; 16]), b"1f40");
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn probe() {
-        eprintln!("SIZE sleep {}", std::mem::size_of::<tokio::time::Sleep>());
-        eprintln!(
-            "SIZE watch rx {}",
-            std::mem::size_of::<tokio::sync::watch::Receiver<bool>>()
-        );
-        eprintln!("SIZE bytesmut {}", std::mem::size_of::<bytes::BytesMut>());
-        eprintln!(
-            "SIZE stream {}",
-            std::mem::size_of::<tokio::net::TcpStream>()
-        );
-        eprintln!(
-            "SIZE builder {}",
-            std::mem::size_of::<
-                hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-            >()
-        );
-        eprintln!(
-            "SIZE conninfo {}",
-            std::mem::size_of::<crate::service::ConnInfo>()
-        );
-        fn sz<T>(_: &T) -> usize {
-            std::mem::size_of::<T>()
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let s = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-                .await
-                .unwrap();
-            eprintln!("SIZE readable {}", sz(&s.readable()));
-            let (tx, mut rx) = tokio::sync::watch::channel(false);
-            eprintln!("SIZE wait_for {}", sz(&rx.wait_for(|c| *c)));
-            drop(tx);
-            eprintln!(
-                "SIZE guards {}",
-                std::mem::size_of::<crate::listener::Guards>()
-            );
-            eprintln!("SIZE limits {}", std::mem::size_of::<super::Limits>());
-        });
     }
 }

@@ -1,0 +1,248 @@
+//! fulcrum's own HTTP/1.1 server side, on raw sockets: pipelining, HTTP/1.0, HEAD, framing
+//! of answers, small bodies read whole, hand-over to hyper in the middle of a connection,
+//! the idle timeout, and shutdown closing idle keep-alive connections.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One response read off `s`: (head, body). Understands lengths, chunks and HEAD.
+async fn response(s: &mut TcpStream, pending: &mut Vec<u8>, head_only: bool) -> (String, Vec<u8>) {
+    async fn fill(s: &mut TcpStream, pending: &mut Vec<u8>) {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response timed out")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed early: {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+    let end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        fill(s, pending).await;
+    };
+    let head = String::from_utf8(pending.drain(..end).collect()).unwrap();
+    let lower = head.to_ascii_lowercase();
+    let mut body = Vec::new();
+    if head_only {
+        return (head, body);
+    }
+    if let Some(n) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let n: usize = n.trim().parse().unwrap();
+        while pending.len() < n {
+            fill(s, pending).await;
+        }
+        body.extend(pending.drain(..n));
+    } else if lower.contains("transfer-encoding: chunked") {
+        loop {
+            let line_end = loop {
+                if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(s, pending).await;
+            };
+            let size = usize::from_str_radix(
+                std::str::from_utf8(&pending[..line_end]).unwrap().trim(),
+                16,
+            )
+            .unwrap();
+            pending.drain(..line_end + 2);
+            while pending.len() < size + 2 {
+                fill(s, pending).await;
+            }
+            body.extend(pending.drain(..size));
+            pending.drain(..2);
+            if size == 0 {
+                break;
+            }
+        }
+    }
+    (head, body)
+}
+
+async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_with_head_framed_right() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+    s.write_all(
+        b"GET /bytes/5 HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\nGET /bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut pending = Vec::new();
+    let (h1, b1) = response(&mut s, &mut pending, false).await;
+    assert!(h1.starts_with("HTTP/1.1 200 OK\r\n"), "{h1}");
+    assert!(h1.to_ascii_lowercase().contains("\r\ndate: "), "{h1}");
+    assert_eq!(b1, b"xxxxx");
+    let (h2, _) = response(&mut s, &mut pending, true).await;
+    assert!(h2.starts_with("HTTP/1.1 200"), "{h2}");
+    assert!(
+        h2.contains("content-length: 1"),
+        "HEAD keeps the length: {h2}"
+    );
+    let (h3, b3) = response(&mut s, &mut pending, false).await;
+    assert!(h3.contains("x-backend: a"), "{h3}");
+    assert_eq!(b3, b"a", "HEAD's answer carried no body bytes");
+    let (_, b4) = response(&mut s, &mut pending, false).await;
+    assert_eq!(b4, b"xxx");
+    assert!(pending.is_empty());
+    assert_eq!(b.hits(), 4);
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_close_or_keep_alive_as_they_ask() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let addr = p.running.addr("http");
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = response(&mut s, &mut pending, false).await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, b"a");
+    assert!(closed(&mut s, Duration::from_secs(2)).await);
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = response(&mut s, &mut pending, false).await;
+        assert!(head.contains("connection: keep-alive"), "{head}");
+        assert_eq!(body, b"a");
+    }
+}
+
+#[tokio::test]
+async fn small_bodies_are_read_whole_and_chunked_uploads_go_to_hyper_mid_connection() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+    let mut pending = Vec::new();
+    // A body with a length, sent in two parts.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b" world").await.unwrap();
+    let (head, body) = response(&mut s, &mut pending, false).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"11");
+    // A chunked upload on the same connection: hyper carries it and the rest.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = response(&mut s, &mut pending, false).await;
+    assert_eq!(body, b"8");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = response(&mut s, &mut pending, false).await;
+    assert_eq!(body, b"a");
+    assert_eq!(b.hits(), 3);
+}
+
+#[tokio::test]
+async fn an_answer_of_unknown_length_is_chunked_and_errors_have_text_bodies() {
+    let b = backend("a").spawn().await;
+    let config = one_pool("round_robin", &[(b.addr, 1)], "").replace(
+        "[[routes]]\npool = \"p\"",
+        "[[routes]]\npool = \"p\"\ncompression = true",
+    );
+    let p = proxy(&config).await;
+    let addr = p.running.addr("http");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /text/5000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = response(&mut s, &mut pending, false).await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let mut text = String::new();
+    gunzip(&body, &mut text).await;
+    assert_eq!(text.len(), 5000);
+
+    let answer = raw_exchange(addr, &[b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"]).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.ends_with("400 bad request\n"), "{answer}");
+}
+
+async fn gunzip(gz: &[u8], out: &mut String) {
+    use tokio::io::AsyncReadExt as _;
+    let mut d = async_compression::tokio::bufread::GzipDecoder::new(gz);
+    d.read_to_string(out).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let b = backend("a").spawn().await;
+    let text = format!(
+        "[server]\nidle_timeout = \"300ms\"\n{}",
+        one_pool("round_robin", &[(b.addr, 1)], "")
+    );
+    let p = proxy(&text).await;
+    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    response(&mut s, &mut pending, false).await;
+    let idle_from = Instant::now();
+    assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
+    let waited = idle_from.elapsed();
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_and_drains_clean() {
+    let b = backend("a").spawn().await;
+    let text = format!(
+        "[server]\ndrain_timeout = \"10s\"\n{}",
+        one_pool("round_robin", &[(b.addr, 1)], "")
+    );
+    let p = proxy(&text).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        response(&mut s, &mut pending, false).await;
+        idle.push(s);
+    }
+    let started = Instant::now();
+    assert!(p.running.shutdown().await, "the drain was not clean");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in &mut idle {
+        assert!(closed(s, Duration::from_secs(1)).await);
+    }
+}
