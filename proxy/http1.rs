@@ -227,6 +227,7 @@ async fn request(
         Some(buf.split_to(length).freeze())
     };
     let req = req.map(|()| RequestBody::Full(body));
+    let _busy = crate::workers::Busy::start();
     if exchange(stream, shared, info, req, keep_alive).await {
         Next::KeepAlive
     } else {
@@ -434,6 +435,7 @@ async fn exchange(
     out.extend_from_slice(b"\r\n");
     drop(parts);
 
+    crate::workers::gather().await;
     if no_body {
         drop(body);
         return stream.write_all(&out).await.is_ok() && keep;

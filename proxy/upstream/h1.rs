@@ -298,6 +298,7 @@ async fn exchange(
     body: Option<&Bytes>,
     head_request: bool,
 ) -> Result<(Response<()>, Framing, bool), Failure> {
+    crate::workers::gather().await;
     let wrote = match body {
         Some(b) if b.len() <= COALESCE => {
             conn.wbuf.extend_from_slice(b);
