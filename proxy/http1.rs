@@ -133,15 +133,13 @@ pub fn serve<K: Send + 'static>(
             // Everything a request needs lives in this boxed future, so that the connection's
             // own task (what an idle connection costs) stays a few hundred bytes.
             let limits = info.listener.limits;
-            let deadline = first.unwrap_or_else(|| Instant::now() + limits.header_timeout);
             let next = Box::pin(request(
                 &mut stream,
                 &mut buf,
                 &shared,
                 &info,
                 limits,
-                deadline,
-                first.is_some(),
+                first,
             ))
             .await;
             match next {
@@ -180,9 +178,12 @@ async fn request(
     shared: &Shared,
     info: &ConnInfo,
     limits: Limits,
-    deadline: Instant,
-    first: bool,
+    first: Option<Instant>,
 ) -> Next {
+    // The head is due within the header timeout of its first byte (of the accept, for the
+    // first request); the clock is read only if the head needs another read.
+    let mut deadline = first;
+    let first = first.is_some();
     let head = loop {
         if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
             if buf.len() >= H2_PREFACE.len() {
@@ -199,7 +200,8 @@ async fn request(
                 Parsed::Refuse(answer) => return refuse(stream, answer).await,
             }
         }
-        match tokio::time::timeout_at(deadline, read_some(stream, buf, limits.max_head)).await {
+        let due = *deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout);
+        match tokio::time::timeout_at(due, read_some(stream, buf, limits.max_head)).await {
             Ok(true) => {}
             Ok(false) => return Next::Close,
             Err(_) => return refuse(stream, TIMEOUT).await,
