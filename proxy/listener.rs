@@ -1,5 +1,7 @@
-//! Accepting client connections: one accept loop per listener, each connection served by
-//! hyper (HTTP/1.1, or HTTP/2 by prior knowledge) and watched for graceful shutdown.
+//! Accepting client connections: one accept loop per listener. A plain connection is served
+//! by fulcrum's own HTTP/1.1 side (`http1.rs`, which hands HTTP/2 and upgrades to hyper); a
+//! TLS one by hyper (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge). Both are watched for
+//! graceful shutdown.
 
 use std::convert::Infallible;
 use std::sync::Arc;
