@@ -25,6 +25,16 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 7] {
     ]
 }
 
+/// One header line, `name: value\r\n`, as HTTP/1.1 puts it on the wire (fulcrum's own
+/// server side writing an answer, its upstream client writing a request).
+#[inline]
+pub fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// Most messages carry none or only `Connection`, so one pass over the names (compared as
 /// known-header tags, no hashing) decides whether there is anything to do.

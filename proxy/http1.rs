@@ -104,7 +104,6 @@ pub fn serve<K: Send + 'static>(
             Ok(s) => s,
             Err(e) => return tracing::warn!(error = %e, "cannot serve the connection"),
         };
-        let mut closing = shared.closing.subscribe();
         let mut buf = BytesMut::new();
         // The first request's head is due within the header timeout of the accept.
         let mut first = Some(Instant::now() + info.listener.limits.header_timeout);
@@ -114,13 +113,20 @@ pub fn serve<K: Send + 'static>(
                 buf = BytesMut::new();
                 let wait =
                     first.unwrap_or_else(|| Instant::now() + info.listener.limits.idle_timeout);
+                // Registered before the flag is read, so a shutdown in between is not missed.
+                let closed = shared.closing.notified();
+                tokio::pin!(closed);
+                closed.as_mut().enable();
+                if shared.closing.is_set() {
+                    return;
+                }
                 tokio::select! {
                     biased;
                     // Polled in place: no waiter is stored for it (`readable()` would add 152 bytes
                     // to every idle connection).
                     r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => if r.is_err() { return },
                     _ = tokio::time::sleep_until(wait) => return,
-                    _ = closing.wait_for(|c| *c) => return,
+                    _ = &mut closed => return,
                 }
                 buf.reserve(INITIAL_BUFFER);
                 match stream.try_read_buf(&mut buf) {
@@ -408,10 +414,7 @@ async fn exchange(
             continue;
         }
         has_connection |= name == header::CONNECTION;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        crate::headers::write_field(&mut out, name, value);
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -421,7 +424,7 @@ async fn exchange(
     match framing {
         Framing::Length(n) if !no_body => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(digits(n, 10, &mut [0u8; 20]));
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -473,8 +476,7 @@ async fn exchange(
                 }
                 sent += data.len() as u64;
                 if matches!(framing, Framing::Chunked) {
-                    let mut hex = [0u8; 16];
-                    out.extend_from_slice(hex_len(data.len(), &mut hex));
+                    out.extend_from_slice(digits(data.len() as u64, 16, &mut [0u8; 20]));
                     out.extend_from_slice(b"\r\n");
                 }
                 if data.len() <= COALESCE {
@@ -525,25 +527,14 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+/// `n` in `radix` (10 or 16, lower-case), written at the end of `buf`.
+fn digits(mut n: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut i = buf.len();
     loop {
         i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
-}
-
-fn hex_len(mut n: usize, buf: &mut [u8; 16]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = HEX[n & 15];
-        n >>= 4;
+        buf[i] = DIGITS[(n % radix) as usize];
+        n /= radix;
         if n == 0 {
             return &buf[i..];
         }
@@ -729,13 +720,14 @@ mod tests {
 
     #[test]
     fn numbers_are_written_in_decimal_and_hex() {
-        assert_eq!(itoa(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
+        assert_eq!(digits(0, 10, &mut [0; 20]), b"0");
+        assert_eq!(digits(1234567890, 10, &mut [0; 20]), b"1234567890");
         assert_eq!(
-            itoa(u64::MAX, &mut [0; 20]),
+            digits(u64::MAX, 10, &mut [0; 20]),
             u64::MAX.to_string().as_bytes()
         );
-        assert_eq!(hex_len(0, &mut [0; 16]), b"0");
-        assert_eq!(hex_len(0x1f40, &mut [0; 16]), b"1f40");
+        assert_eq!(digits(0, 16, &mut [0; 20]), b"0");
+        assert_eq!(digits(0x1f40, 16, &mut [0; 20]), b"1f40");
+        assert_eq!(digits(u64::MAX, 16, &mut [0; 20]), b"ffffffffffffffff");
     }
 }

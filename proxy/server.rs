@@ -79,7 +79,7 @@ pub struct Shared {
     pub close_sessions: watch::Sender<bool>,
     /// Set when shutdown closes idle keep-alive connections (fulcrum's own HTTP/1.1 side;
     /// hyper's connections hear it through the graceful watcher).
-    pub closing: watch::Sender<bool>,
+    pub closing: Closing,
     pub history: Mutex<VecDeque<HistoryEntry>>,
     /// The store of fleet-wide rate limits (`[redis]`), made at start.
     pub redis: Option<crate::ratelimit::RedisStore>,
@@ -302,6 +302,43 @@ impl Shared {
     }
 }
 
+/// Tells fulcrum's own idle keep-alive connections to close, at shutdown. One `Notify` per
+/// worker thread: an idle connection registers with its own worker's, so waiting never
+/// takes a lock another core uses (a `watch` channel shares its waiter lists between all
+/// threads, and its wait future is twice the size of a `Notified`).
+pub struct Closing {
+    set: AtomicBool,
+    per_worker: Box<[tokio::sync::Notify]>,
+}
+
+impl Closing {
+    fn new() -> Closing {
+        Closing {
+            set: AtomicBool::new(false),
+            per_worker: (0..crate::workers::slots().max(1))
+                .map(|_| tokio::sync::Notify::new())
+                .collect(),
+        }
+    }
+
+    /// This thread's notification (call `enable` on it, then check [`Closing::is_set`]).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        let i = crate::workers::slot().min(self.per_worker.len() - 1);
+        self.per_worker[i].notified()
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
+
+    fn close(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        for n in self.per_worker.iter() {
+            n.notify_waiters();
+        }
+    }
+}
+
 /// How long a draining process keeps answering on open keep-alive connections (with
 /// `Connection: close`) before it closes the idle ones.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
@@ -474,7 +511,7 @@ pub async fn start_inherited(
         changes_rejected: AtomicU64::new(0),
         sessions: Arc::new(AtomicU64::new(0)),
         close_sessions: watch::channel(false).0,
-        closing: watch::channel(false).0,
+        closing: Closing::new(),
         history: Mutex::new(VecDeque::new()),
         redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
         store_errors: AtomicU64::new(0),
@@ -552,7 +589,7 @@ impl Running {
         // next answer and leave cleanly; only the idle rest is closed by the shutdown below.
         tokio::time::sleep(SHUTDOWN_GRACE.min(drain_timeout)).await;
         let graceful = lock(&shared.graceful).take();
-        shared.closing.send_replace(true);
+        shared.closing.close();
         let mut clean = match graceful.map(Arc::try_unwrap) {
             Some(Ok(graceful)) => tokio::time::timeout_at(deadline, graceful.shutdown())
                 .await

@@ -275,10 +275,7 @@ fn encode_head(
             continue;
         }
         has_host |= name == header::HOST;
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        crate::headers::write_field(buf, name, value);
     }
     if !has_host {
         buf.extend_from_slice(b"host: ");
