@@ -63,11 +63,13 @@ impl Limits {
     }
 }
 
-/// A head parsed, or why not.
+/// A head parsed, or why not. Not boxed: it lives a moment on the request's own (already
+/// boxed) future, and a box would be one more allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     /// More bytes are needed.
     Partial,
-    Request(Box<Head>),
+    Request(Head),
     /// Something this side does not carry: hyper takes the connection over.
     Handover,
     Refuse(&'static [u8]),
@@ -217,7 +219,7 @@ async fn request(
         req,
         length,
         keep_alive,
-    } = *head;
+    } = head;
     // A small body with a length: read it whole (as nginx buffers request bodies), each
     // read due within the header timeout.
     let body = if length == 0 {
@@ -348,11 +350,11 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = map;
-    Parsed::Request(Box::new(Head {
+    Parsed::Request(Head {
         req,
         length,
         keep_alive,
-    }))
+    })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -402,7 +404,7 @@ async fn exchange(
         Framing::Close
     };
 
-    let mut out: Vec<u8> = Vec::with_capacity(512);
+    let mut out = OutBuf::take();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.push(b' ');
@@ -519,6 +521,50 @@ async fn exchange(
         tracing::debug!(client = %info.peer, "response body shorter than its length");
     }
     complete && keep
+}
+
+/// An answer's write buffer, taken from this thread's spares and given back when the answer
+/// is written (several answers wait in `gather` at once, so a few are kept).
+struct OutBuf(Vec<u8>);
+
+thread_local! {
+    static SPARES: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl OutBuf {
+    fn take() -> OutBuf {
+        let v = SPARES.with(|s| s.borrow_mut().pop());
+        OutBuf(v.unwrap_or_else(|| Vec::with_capacity(512)))
+    }
+}
+
+impl Drop for OutBuf {
+    fn drop(&mut self) {
+        // Kept only while small and few: a large answer's buffer goes back to the allocator.
+        if self.0.capacity() <= 2 * COALESCE {
+            let mut v = std::mem::take(&mut self.0);
+            v.clear();
+            SPARES.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < 256 {
+                    s.push(v);
+                }
+            });
+        }
+    }
+}
+
+impl std::ops::Deref for OutBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for OutBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
 }
 
 fn has_token(value: &[u8], token: &[u8]) -> bool {
