@@ -246,3 +246,71 @@ async fn shutdown_closes_idle_keep_alive_connections_and_drains_clean() {
         assert!(closed(s, Duration::from_secs(1)).await);
     }
 }
+
+/// A backend that answers every request with `head` plus part of its body, then hangs up.
+async fn cutting_backend(answer: &'static [u8]) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut b = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_backend_that_dies_mid_response_leaves_the_client_a_visibly_cut_answer() {
+    for (answer, cut) in [
+        (
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"[..],
+            "content-length: 100",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            "transfer-encoding: chunked",
+        ),
+    ] {
+        let dying = cutting_backend(answer).await;
+        let config = one_pool("round_robin", &[(dying, 1)], "retry = { attempts = 0 }");
+        let p = proxy(&config).await;
+        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        let text = String::from_utf8_lossy(&got).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains(cut), "{text}");
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        // Never a complete-looking answer: fewer bytes than the length, or no last chunk.
+        if cut.starts_with("content-length") {
+            assert_eq!(body, "0123456789", "{text}");
+        } else {
+            assert!(body.starts_with("5\r\nhello\r\n"), "{text}");
+            assert!(
+                !body.contains("0\r\n\r\n"),
+                "the cut chunked body was ended: {text}"
+            );
+        }
+        // The proxy itself is fine: a new connection still gets an answer (a 502 now that
+        // the backend answers nothing usable is fine too; what matters is an answer).
+        let answer = raw_exchange(
+            p.running.addr("http"),
+            &[b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    }
+}
