@@ -35,6 +35,23 @@ pub fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Does a `Connection` header carry `token` (case-insensitive, among comma-separated ones)?
+pub fn connection_has(headers: &HeaderMap, token: &[u8]) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+    })
+}
+
+/// May the connection carry another message after this one (RFC 9112 §9.3)? Never with
+/// `close`; otherwise HTTP/1.1 by default, HTTP/1.0 only with `keep-alive`. The same rule
+/// for a client's request and a backend's answer.
+pub fn keep_alive(headers: &HeaderMap, version: http::Version) -> bool {
+    !connection_has(headers, b"close")
+        && (version != http::Version::HTTP_10 || connection_has(headers, b"keep-alive"))
+}
+
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// Most messages carry none or only `Connection`, so one pass over the names (compared as
 /// known-header tags, no hashing) decides whether there is anything to do.

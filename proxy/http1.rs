@@ -291,7 +291,6 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let path = r.path.unwrap_or("");
     let path_range = (offset(path.as_bytes()), path.len());
     let mut length: Option<u64> = None;
-    let mut keep_alive = version == Version::HTTP_11;
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
     let count = r.headers.len();
     for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
@@ -312,15 +311,6 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             || name.eq_ignore_ascii_case(b"expect")
         {
             return Parsed::Handover;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
-                }
-            }
         }
         *span = (offset(name), name.len(), offset(h.value), h.value.len());
     }
@@ -345,6 +335,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         };
         map.append(name, value);
     }
+    let keep_alive = crate::headers::keep_alive(&map, version);
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -382,12 +373,7 @@ async fn exchange(
     let (parts, mut body) = resp.into_parts();
     let status = parts.status.as_u16();
     let no_body = head_only || status < 200 || status == 204 || status == 304;
-    let mut keep = keep_alive
-        && !parts
-            .headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"));
+    let mut keep = keep_alive && !crate::headers::connection_has(&parts.headers, b"close");
     enum Framing {
         Length(u64),
         Chunked,
@@ -567,12 +553,6 @@ impl std::ops::DerefMut for OutBuf {
     }
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// `n` in `radix` (10 or 16, lower-case), written at the end of `buf`.
 fn digits(mut n: u64, radix: u64, buf: &mut [u8; 20]) -> &[u8] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -702,6 +682,9 @@ mod tests {
         assert!(!ka(b"GET / HTTP/1.1\r\nConnection: foo, Close\r\n\r\n"));
         assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(ka(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(!ka(
+            b"GET / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n"
+        ));
     }
 
     #[test]

@@ -20,13 +20,7 @@ use crate::pool::InFlight;
 
 /// Is this request asking to switch protocols? Returns the protocol, lower-cased.
 pub fn requested_upgrade(headers: &http::HeaderMap) -> Option<String> {
-    let connection_upgrade = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !connection_upgrade {
+    if !crate::headers::connection_has(headers, b"upgrade") {
         return None;
     }
     headers

@@ -399,7 +399,7 @@ fn parse_head(
             headers.append(name, value);
         }
         let framing = framing(&headers, status, head_request)?;
-        let keep_alive = keep_alive(&headers, version);
+        let keep_alive = crate::headers::keep_alive(&headers, version);
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
@@ -446,22 +446,6 @@ fn framing(
         Some(n) => Framing::Length(n),
         None => Framing::Close,
     })
-}
-
-/// May the connection carry another request? HTTP/1.1 unless `close`; 1.0 only if `keep-alive`.
-fn keep_alive(headers: &HeaderMap, version: Version) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    if version == Version::HTTP_10 {
-        has(b"keep-alive")
-    } else {
-        !has(b"close")
-    }
 }
 
 /// A response body from this client.
@@ -884,6 +868,7 @@ mod tests {
             ),
             None
         );
+        let keep_alive = crate::headers::keep_alive;
         assert!(keep_alive(&h(&[]), Version::HTTP_11));
         assert!(!keep_alive(
             &h(&[("connection", "Close")]),
@@ -892,6 +877,10 @@ mod tests {
         assert!(!keep_alive(&h(&[]), Version::HTTP_10));
         assert!(keep_alive(
             &h(&[("connection", "keep-alive")]),
+            Version::HTTP_10
+        ));
+        assert!(!keep_alive(
+            &h(&[("connection", "keep-alive, close")]),
             Version::HTTP_10
         ));
     }
