@@ -140,16 +140,7 @@ pub fn serve<K: Send + 'static>(
             }
             // Everything a request needs lives in this boxed future, so that the connection's
             // own task (what an idle connection costs) stays a few hundred bytes.
-            let limits = info.listener.limits;
-            let next = Box::pin(request(
-                &mut stream,
-                &mut buf,
-                &shared,
-                &info,
-                limits,
-                first,
-            ))
-            .await;
+            let next = Box::pin(request(&mut stream, &mut buf, &shared, &info, first)).await;
             match next {
                 Next::KeepAlive => first = None,
                 Next::Close => return,
@@ -185,9 +176,9 @@ async fn request(
     buf: &mut BytesMut,
     shared: &Shared,
     info: &ConnInfo,
-    limits: Limits,
     first: Option<Instant>,
 ) -> Next {
+    let limits = &info.listener.limits;
     // The head is due within the header timeout of its first byte (of the accept, for the
     // first request); the clock is read only if the head needs another read.
     let mut deadline = first;

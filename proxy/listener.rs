@@ -93,13 +93,12 @@ impl Listener {
         });
         Listener {
             proxy_protocol: config.proxy_protocol,
-            info,
             tls,
             handshakes: (
                 metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name.clone(), "result" => "success"),
                 metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name, "result" => "failure"),
             ),
-            name: Arc::from(config.name.as_str()),
+            name: info.name.clone(),
             socket,
             slots: config
                 .max_connections
@@ -108,6 +107,7 @@ impl Listener {
                 .max_connections_per_ip
                 .map(|n| (n, Arc::new(DashMap::new()))),
             connections: metrics::gauge!(crate::metrics::CONNECTIONS, "listener" => config.name.clone()),
+            info,
         }
     }
 
@@ -217,7 +217,7 @@ impl Listener {
             };
             let guards = Guards {
                 _places: places,
-                _open: scopeguard_gauge(connections),
+                _open: Gauged(connections),
                 _assigned: assigned,
             };
             match how {
@@ -357,10 +357,6 @@ where
 }
 
 /// Decrements a gauge when the connection's task ends, however it ends.
-fn scopeguard_gauge(g: metrics::Gauge) -> Gauged {
-    Gauged(g)
-}
-
 pub(crate) struct Gauged(metrics::Gauge);
 
 impl Drop for Gauged {

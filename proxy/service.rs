@@ -196,7 +196,8 @@ pub async fn handle(
         resp = resp.map(|b| Body::Logged(Box::new(b), Some(entry)));
     }
     if let Some(max) = conn.listener.max_requests {
-        // The last request a connection may carry: tell the client, and hyper closes it.
+        // The last request a connection may carry: tell the client; the connection (fulcrum's
+        // HTTP/1.1 side or hyper's) closes after this answer.
         if conn
             .served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
