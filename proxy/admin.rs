@@ -277,6 +277,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "draining": shared.draining.load(Ordering::Relaxed),
         "pools": pools,
         "listeners": listeners,
+        "parked_connections": shared.parking.count(),
         "changes": { "applied": shared.changes_applied.load(Ordering::Relaxed), "rejected": shared.changes_rejected.load(Ordering::Relaxed) },
         "history": history,
     })

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
+use crate::listener::Guards;
 use crate::server::Shared;
 use crate::service::{self, ConnInfo};
 
@@ -50,6 +51,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// How long a keep-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// How long a keep-alive connection waits on its own task before it is parked.
+    pub park_after: Duration,
     pub max_head: usize,
 }
 
@@ -58,6 +61,7 @@ impl Limits {
         Limits {
             header_timeout: cfg.request_header_timeout,
             idle_timeout: cfg.idle_timeout,
+            park_after: cfg.idle_park_after,
             max_head: cfg.max_request_header_bytes,
         }
     }
@@ -86,21 +90,24 @@ const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconte
 const TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\nconnection: close\r\n\r\n408 request timeout\n";
 
 /// Serves one plain client connection until it closes, times out, is told to close
-/// (shutdown), or is handed to hyper.
+/// (shutdown), is parked (idle for `park_after`: `crate::park`, which starts a new task
+/// when the next request comes), or is handed to hyper. `fresh`: just accepted (the first
+/// request is due within the header timeout; an HTTP/2 preface is looked for).
 ///
 /// Not an `async fn`: those store every argument twice (once as passed, once as moved into
 /// the body), and this future is what each idle connection costs.
 #[allow(clippy::manual_async_fn)]
-pub fn serve<K: Send + 'static>(
+pub(crate) fn serve(
     std: std::net::TcpStream,
     info: ConnInfo,
     shared: Arc<Shared>,
     graceful: Watcher,
-    keep: K,
+    guards: Guards,
+    fresh: bool,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     async move {
         // What the connection holds until it ends (its places under the caps, gauges).
-        let _keep = &keep;
+        let (mut info, mut graceful, mut guards) = (info, graceful, guards);
         // Registered with the reactor of the runtime (worker) that serves it.
         let mut stream = match TcpStream::from_std(std) {
             Ok(s) => s,
@@ -108,13 +115,22 @@ pub fn serve<K: Send + 'static>(
         };
         let mut buf = BytesMut::new();
         // The first request's head is due within the header timeout of the accept.
-        let mut first = Some(Instant::now() + info.listener.limits.header_timeout);
+        let mut first = fresh.then(|| Instant::now() + info.listener.limits.header_timeout);
+        let mut parkable = true;
         loop {
             if buf.is_empty() {
                 // Idle: hold no buffer while waiting for the next request.
                 buf = BytesMut::new();
-                let wait =
-                    first.unwrap_or_else(|| Instant::now() + info.listener.limits.idle_timeout);
+                let limits = &info.listener.limits;
+                let (wait, park) = match first {
+                    Some(due) => (due, None),
+                    None => {
+                        let now = Instant::now();
+                        let park = (parkable && limits.park_after < limits.idle_timeout)
+                            .then(|| now + limits.park_after);
+                        (now + limits.idle_timeout, park)
+                    }
+                };
                 // Registered before the flag is read, so a shutdown in between is not missed.
                 let closed = shared.closing.notified();
                 tokio::pin!(closed);
@@ -127,7 +143,26 @@ pub fn serve<K: Send + 'static>(
                     // Polled in place: no waiter is stored for it (`readable()` would add 152 bytes
                     // to every idle connection).
                     r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => if r.is_err() { return },
-                    _ = tokio::time::sleep_until(wait) => return,
+                    _ = tokio::time::sleep_until(park.unwrap_or(wait)) => {
+                        if park.is_none() {
+                            return;
+                        }
+                        let Ok(std) = stream.into_std() else { return };
+                        let conn = crate::park::Parked { stream: std, info, graceful, guards, due: wait };
+                        match shared.parking.park(&shared, conn) {
+                            Ok(()) => return,
+                            Err(conn) => {
+                                // Not parked (closing, or no poll): wait on this task.
+                                parkable = false;
+                                (info, graceful, guards) = (conn.info, conn.graceful, conn.guards);
+                                stream = match TcpStream::from_std(conn.stream) {
+                                    Ok(s) => s,
+                                    Err(_) => return,
+                                };
+                                continue;
+                            }
+                        }
+                    }
                     _ = &mut closed => return,
                 }
                 buf.reserve(INITIAL_BUFFER);

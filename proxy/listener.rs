@@ -222,11 +222,12 @@ impl Listener {
             };
             match how {
                 // The task is the connection's future itself, nothing wrapped around it.
-                Ok(info) => spawn_on(
-                    worker,
-                    crate::http1::serve(std, info, shared, graceful, guards),
-                ),
-                Err(w) => spawn_on(worker, Box::pin(w.serve(std, shared, graceful, guards))),
+                Ok(info) => spawn_on(worker, move || {
+                    crate::http1::serve(std, info, shared, graceful, guards, true)
+                }),
+                Err(w) => spawn_on(worker, move || {
+                    Box::pin(w.serve(std, shared, graceful, guards))
+                }),
             }
         }
         tracing::info!(listener = %self.name, "stopped accepting");
@@ -281,7 +282,7 @@ impl Wrapped {
         }
         let Some((acceptor, (ok, failed))) = tls else {
             return match stream.into_std() {
-                Ok(std) => crate::http1::serve(std, info, shared, graceful, guards).await,
+                Ok(std) => crate::http1::serve(std, info, shared, graceful, guards, true).await,
                 Err(e) => tracing::warn!(error = %e, "cannot serve the connection"),
             };
         };
@@ -346,13 +347,18 @@ pub(crate) struct Guards {
     _assigned: Option<crate::workers::Assigned>,
 }
 
-fn spawn_on<F>(worker: Option<&'static tokio::runtime::Handle>, task: F)
+/// Spawns the connection's task on its worker. The task is made there, by a small task that
+/// carries only the arguments: a task spawned from this (the accept) thread would be allocated
+/// from this thread's heap and freed by the worker's, which leaves the allocator pages that
+/// the worker cannot give back (`crate::park` returns the memory of idle connections).
+fn spawn_on<M, F>(worker: Option<&'static tokio::runtime::Handle>, make: M)
 where
+    M: FnOnce() -> F + Send + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     match worker {
-        Some(h) => drop(h.spawn(task)),
-        None => drop(tokio::spawn(task)),
+        Some(h) => drop(h.spawn(async move { drop(tokio::spawn(make())) })),
+        None => drop(tokio::spawn(make())),
     }
 }
 

@@ -28,6 +28,8 @@ pub const BREAKER_TRANSITIONS: &str = "fulcrum_breaker_transitions_total";
 pub const RATELIMITED: &str = "fulcrum_ratelimited_total";
 pub const RATELIMIT_STORE_ERRORS: &str = "fulcrum_ratelimit_store_errors_total";
 pub const CONNECTIONS: &str = "fulcrum_connections";
+/// Of those, idle keep-alive connections parked off their tasks (`[server] idle_park_after`).
+pub const CONNECTIONS_PARKED: &str = "fulcrum_connections_parked";
 pub const CONFIG_RELOADS: &str = "fulcrum_config_reloads_total";
 pub const TLS_HANDSHAKES: &str = "fulcrum_tls_handshakes_total";
 pub const POOL_PANIC: &str = "fulcrum_pool_panic";
@@ -221,6 +223,7 @@ pub fn render(shared: &Shared) -> String {
         metrics::counter!(CONFIG_RELOADS, "result" => result).absolute(n);
     }
     metrics::counter!(RATELIMIT_STORE_ERRORS).absolute(shared.store_errors.load(Ordering::Relaxed));
+    metrics::gauge!(CONNECTIONS_PARKED).set(shared.parking.count() as f64);
     handle.render()
 }
 

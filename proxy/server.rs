@@ -80,6 +80,8 @@ pub struct Shared {
     /// Set when shutdown closes idle keep-alive connections (fulcrum's own HTTP/1.1 side;
     /// hyper's connections hear it through the graceful watcher).
     pub closing: Closing,
+    /// Idle keep-alive connections parked off their tasks, per worker.
+    pub parking: crate::park::Parking,
     pub history: Mutex<VecDeque<HistoryEntry>>,
     /// The store of fleet-wide rate limits (`[redis]`), made at start.
     pub redis: Option<crate::ratelimit::RedisStore>,
@@ -512,6 +514,7 @@ pub async fn start_inherited(
         sessions: Arc::new(AtomicU64::new(0)),
         close_sessions: watch::channel(false).0,
         closing: Closing::new(),
+        parking: crate::park::Parking::new(),
         history: Mutex::new(VecDeque::new()),
         redis: redis.as_ref().map(crate::ratelimit::RedisStore::new),
         store_errors: AtomicU64::new(0),
@@ -590,6 +593,7 @@ impl Running {
         tokio::time::sleep(SHUTDOWN_GRACE.min(drain_timeout)).await;
         let graceful = lock(&shared.graceful).take();
         shared.closing.close();
+        shared.parking.close();
         let mut clean = match graceful.map(Arc::try_unwrap) {
             Some(Ok(graceful)) => tokio::time::timeout_at(deadline, graceful.shutdown())
                 .await

@@ -1,6 +1,7 @@
 //! fulcrum's own HTTP/1.1 server side, on raw sockets: pipelining, HTTP/1.0, HEAD, framing
 //! of answers, small bodies read whole, hand-over to hyper in the middle of a connection,
-//! the idle timeout, and shutdown closing idle keep-alive connections.
+//! the idle timeout, shutdown closing idle keep-alive connections, and idle connections parked
+//! off their tasks (`idle_park_after`) and resumed by their next request.
 
 mod support;
 
@@ -312,5 +313,125 @@ async fn a_backend_that_dies_mid_response_leaves_the_client_a_visibly_cut_answer
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 "), "{answer}");
+    }
+}
+
+/// Polls the status until `parked_connections` is `n` (or gives up after 3 s).
+async fn parked(p: &TestProxy, n: u64) -> bool {
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if p.status().await["parked_connections"].as_u64() == Some(n) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn parking(extra: &str, b: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nidle_park_after = \"50ms\"\n{extra}\n{}",
+        one_pool("round_robin", &[(b, 1)], "")
+    )
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_parked_and_its_next_requests_resume_it() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&parking("idle_timeout = \"10s\"", b.addr)).await;
+    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+    let mut pending = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, body) = response(&mut s, &mut pending, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(body, b"a");
+    assert!(parked(&p, 1).await, "the idle connection was not parked");
+    // Two pipelined requests wake it: both are answered, in order, on the same connection.
+    s.write_all(
+        b"GET /bytes/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /bytes/3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (h, body) = response(&mut s, &mut pending, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(body, b"xx");
+    let (_, body) = response(&mut s, &mut pending, false).await;
+    assert_eq!(body, b"xxx");
+    // Parked again once idle, and resumed again.
+    assert!(parked(&p, 1).await, "not parked a second time");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = response(&mut s, &mut pending, false).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(b.hits(), 4);
+}
+
+#[tokio::test]
+async fn a_parked_connection_still_closes_at_the_idle_timeout() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&parking("idle_timeout = \"500ms\"", b.addr)).await;
+    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    response(&mut s, &mut pending, false).await;
+    let idle_from = Instant::now();
+    assert!(parked(&p, 1).await, "the idle connection was not parked");
+    assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
+    let waited = idle_from.elapsed();
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    assert!(parked(&p, 0).await, "the closed connection stayed parked");
+}
+
+#[tokio::test]
+async fn a_client_closing_a_parked_connection_releases_it() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&parking("", b.addr)).await;
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        response(&mut s, &mut pending, false).await;
+        conns.push(s);
+    }
+    assert!(parked(&p, 3).await);
+    conns.pop();
+    assert!(parked(&p, 2).await, "a closed connection stayed parked");
+    // (The value is not checked: the metrics recorder is shared by the tests of this binary.)
+    let (_, _, text) = get(&p.admin("/metrics"), &[]).await;
+    assert!(text.contains("fulcrum_connections_parked "), "{text}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_and_drains_clean() {
+    let b = backend("a").spawn().await;
+    let p = proxy(&parking("drain_timeout = \"10s\"", b.addr)).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        response(&mut s, &mut pending, false).await;
+        idle.push(s);
+    }
+    assert!(parked(&p, 3).await);
+    let started = Instant::now();
+    assert!(p.running.shutdown().await, "the drain was not clean");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in &mut idle {
+        assert!(closed(s, Duration::from_secs(1)).await);
     }
 }

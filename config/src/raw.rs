@@ -39,6 +39,7 @@ pub struct RawServer {
     pub threading: Option<S<String>>,
     pub request_header_timeout: Option<S<String>>,
     pub idle_timeout: Option<S<String>>,
+    pub idle_park_after: Option<S<String>>,
     pub max_request_header_bytes: Option<S<i64>>,
     pub max_requests_per_connection: Option<S<i64>>,
     pub watch_config: Option<bool>,

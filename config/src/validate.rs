@@ -283,6 +283,7 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
             d.request_header_timeout,
         ),
         idle_timeout: v.duration(&s.idle_timeout, "idle_timeout", d.idle_timeout),
+        idle_park_after: v.duration(&s.idle_park_after, "idle_park_after", d.idle_park_after),
         max_request_header_bytes: v.int(
             &s.max_request_header_bytes,
             "max_request_header_bytes",
