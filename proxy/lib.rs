@@ -12,6 +12,7 @@ pub mod admin;
 pub mod balance;
 pub mod body;
 pub mod breaker;
+pub mod clock;
 pub mod compress;
 pub mod dashboard;
 pub mod demo;

@@ -505,14 +505,14 @@ async fn proxy(
         };
         let mut guard = InFlight::begin(&backend.state);
         guard.hold(permit);
-        let started = std::time::Instant::now();
+        let started = crate::clock::now().into_std();
         let result = backend
             .state
             .client_for_next()
             .forward(backend, &mut parts, body, timeout, is_last)
             .await;
         // One clock read stamps everything this attempt records.
-        let done = std::time::Instant::now();
+        let done = crate::clock::now().into_std();
         let now = crate::balance::ewma::ns_at(done);
         let elapsed = done.saturating_duration_since(started);
         ctx.upstream = Some(elapsed);

@@ -236,6 +236,9 @@ impl UpstreamClient {
         req: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
+        // The deadline and the pool's stamps below take this reading (health checks come
+        // here without one of their own).
+        crate::clock::now();
         if let (Some(authority), Some((h1, bytes))) = (
             req.uri().authority().cloned(),
             self.h1_for(req.headers(), req.body()),
@@ -264,7 +267,8 @@ async fn h1_within(
     backend: SocketAddr,
     timeout: Duration,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
-    match tokio::time::timeout(timeout, sent).await {
+    // From the attempt's start, read a moment ago (`service::proxy`).
+    match tokio::time::timeout_at(crate::clock::last() + timeout, sent).await {
         Err(_) => Err(ProxyError::Timeout { backend, timeout }),
         Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
     }

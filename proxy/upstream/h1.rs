@@ -109,7 +109,8 @@ impl H1Pool {
     }
 
     fn checkout(&self) -> Option<Conn> {
-        let now = Instant::now();
+        // The attempt's start, a moment ago.
+        let now = crate::clock::last().into_std();
         let mut expired = Vec::new();
         let found = {
             let mut idle = self.stack().lock().ok()?;
@@ -135,9 +136,11 @@ impl H1Pool {
             return;
         };
         if idle.len() < self.max_idle {
+            // The attempt's start: early by the exchange's duration at most, which only makes
+            // the connection expire that much sooner.
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: crate::clock::last().into_std(),
             });
         }
     }
