@@ -51,5 +51,9 @@ for c in $CASES; do
   done
 done
 printf '\nmedian KiB per connection over %d runs\n' "$REPS"
-awk '$1 ~ /-/ && NF == 6 { v[$1] = v[$1] " " $6 } END {
-    for (c in v) { n = split(v[c], a, " "); asort(a); printf "%-12s %6.2f   (runs:%s)\n", c, (n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2), v[c] } }' "$OUT/idle.tsv"
+for c in $CASES; do
+    runs=$(awk -v c="$c" '$1 == c { print $6 }' "$OUT/idle.tsv" | sort -n)
+    n=$(echo "$runs" | grep -c .)
+    [[ $n -gt 0 ]] || continue
+    printf '%-12s %6s   (runs: %s)\n' "$c" "$(echo "$runs" | sed -n "$(((n + 1) / 2))p")" "$(echo $runs)"
+done

@@ -82,6 +82,35 @@ async fn closed(s: &mut TcpStream, within: Duration) -> bool {
     )
 }
 
+/// `n` connections that have each made one request and stay open, idle.
+async fn kept_alive(p: &TestProxy, n: usize) -> Vec<TcpStream> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        response(&mut s, &mut pending, false).await;
+        conns.push(s);
+    }
+    conns
+}
+
+/// Shuts `p` down: the drain is clean and quick, and every idle connection is closed.
+async fn drains_and_closes(p: TestProxy, idle: &mut [TcpStream]) {
+    let started = Instant::now();
+    assert!(p.running.shutdown().await, "the drain was not clean");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in idle {
+        assert!(closed(s, Duration::from_secs(1)).await);
+    }
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_with_head_framed_right() {
     let b = backend("a").spawn().await;
@@ -226,26 +255,8 @@ async fn shutdown_closes_idle_keep_alive_connections_and_drains_clean() {
         one_pool("round_robin", &[(b.addr, 1)], "")
     );
     let p = proxy(&text).await;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut pending = Vec::new();
-        response(&mut s, &mut pending, false).await;
-        idle.push(s);
-    }
-    let started = Instant::now();
-    assert!(p.running.shutdown().await, "the drain was not clean");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    for s in &mut idle {
-        assert!(closed(s, Duration::from_secs(1)).await);
-    }
+    let mut idle = kept_alive(&p, 3).await;
+    drains_and_closes(p, &mut idle).await;
 }
 
 /// A backend that answers every request with `head` plus part of its body, then hangs up.
@@ -391,16 +402,7 @@ async fn a_parked_connection_still_closes_at_the_idle_timeout() {
 async fn a_client_closing_a_parked_connection_releases_it() {
     let b = backend("a").spawn().await;
     let p = proxy(&parking("", b.addr)).await;
-    let mut conns = Vec::new();
-    for _ in 0..3 {
-        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut pending = Vec::new();
-        response(&mut s, &mut pending, false).await;
-        conns.push(s);
-    }
+    let mut conns = kept_alive(&p, 3).await;
     assert!(parked(&p, 3).await);
     conns.pop();
     assert!(parked(&p, 2).await, "a closed connection stayed parked");
@@ -413,25 +415,7 @@ async fn a_client_closing_a_parked_connection_releases_it() {
 async fn shutdown_closes_parked_connections_and_drains_clean() {
     let b = backend("a").spawn().await;
     let p = proxy(&parking("drain_timeout = \"10s\"", b.addr)).await;
-    let mut idle = Vec::new();
-    for _ in 0..3 {
-        let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut pending = Vec::new();
-        response(&mut s, &mut pending, false).await;
-        idle.push(s);
-    }
+    let mut idle = kept_alive(&p, 3).await;
     assert!(parked(&p, 3).await);
-    let started = Instant::now();
-    assert!(p.running.shutdown().await, "the drain was not clean");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    for s in &mut idle {
-        assert!(closed(s, Duration::from_secs(1)).await);
-    }
+    drains_and_closes(p, &mut idle).await;
 }
