@@ -235,12 +235,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         one_pool("round_robin", &[(b.addr, 1)], "")
     );
     let p = proxy(&text).await;
-    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    response(&mut s, &mut pending, false).await;
+    let mut s = kept_alive(&p, 1).await.remove(0);
     let idle_from = Instant::now();
     assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
     let waited = idle_from.elapsed();
@@ -384,12 +379,7 @@ async fn an_idle_connection_is_parked_and_its_next_requests_resume_it() {
 async fn a_parked_connection_still_closes_at_the_idle_timeout() {
     let b = backend("a").spawn().await;
     let p = proxy(&parking("idle_timeout = \"500ms\"", b.addr)).await;
-    let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    response(&mut s, &mut pending, false).await;
+    let mut s = kept_alive(&p, 1).await.remove(0);
     let idle_from = Instant::now();
     assert!(parked(&p, 1).await, "the idle connection was not parked");
     assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
