@@ -1,4 +1,5 @@
-//! The `fulcrum` binary as an operator runs it: `check`, and graceful shutdown on SIGTERM.
+//! The `fulcrum` binary as an operator runs it: `check`, graceful shutdown on SIGTERM, and idle
+//! connections parked and resumed on the per-core workers (in-process servers have none).
 
 mod support;
 
@@ -174,4 +175,111 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+}
+
+/// The binary's default threading is per core, which in-process servers do not have: an
+/// idle connection is parked in its worker's set and resumed there, and its client's close
+/// releases it; shutdown with parked connections exits 0 promptly.
+#[tokio::test]
+async fn per_core_workers_park_and_resume_idle_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = backend("a").spawn().await;
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nworker_threads = 2\nidle_park_after = \"100ms\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{}\" }}]\n",
+            b.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(&format!("http://127.0.0.1:{admin}/ready")).await;
+    let parked = |n: u64| {
+        let url = format!("http://127.0.0.1:{admin}/status");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let (_, _, body) = get(&url, &[]).await;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if v["parked_connections"].as_u64() == Some(n) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // One answer of a known length ("a"), read whole.
+    async fn exchange(s: &mut tokio::net::TcpStream) -> String {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"\r\n\r\na") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("no answer")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        assert!(exchange(&mut s).await.starts_with("HTTP/1.1 200"));
+        conns.push(s);
+    }
+    assert!(parked(4).await, "the idle connections were not parked");
+    for s in &mut conns {
+        assert!(exchange(s).await.starts_with("HTTP/1.1 200"));
+    }
+    assert!(
+        parked(4).await,
+        "not parked again after their second requests"
+    );
+    drop(conns.pop());
+    assert!(parked(3).await, "a closed connection stayed parked");
+    assert_eq!(b.hits(), 8);
+
+    let started = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "fulcrum did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
+    for s in &mut conns {
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "a parked connection was left open"
+        );
+    }
 }

@@ -343,8 +343,24 @@ fn parking(extra: &str, b: std::net::SocketAddr) -> String {
 
 #[tokio::test]
 async fn an_idle_connection_is_parked_and_its_next_requests_resume_it() {
+    parked_and_resumed().await;
+}
+
+/// (In-process servers have no per-core workers: connections run on the test's runtime, so
+/// this is the `work_stealing` shape, every thread sharing one set.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_works_on_a_multi_thread_runtime_too() {
+    parked_and_resumed().await;
+}
+
+/// An idle connection parked, resumed by pipelined requests, parked and resumed again.
+async fn parked_and_resumed(threading: &str) {
     let b = backend("a").spawn().await;
-    let p = proxy(&parking("idle_timeout = \"10s\"", b.addr)).await;
+    let p = proxy(&parking(
+        &format!("idle_timeout = \"10s\"\n{threading}"),
+        b.addr,
+    ))
+    .await;
     let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
     let mut pending = Vec::new();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
