@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -121,24 +121,9 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
         .slow(Duration::from_millis(1500))
         .spawn()
         .await;
-    let (port, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\ndrain_timeout = \"10s\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{}\" }}]\n",
-            slow.addr
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let cfg = binary_config(|_| "drain_timeout = \"10s\"".into(), slow.addr);
+    let (port, admin) = (cfg.port, cfg.admin);
+    let mut child = run_binary(&[], &cfg.path);
     wait_ready(&format!("http://127.0.0.1:{admin}/ready")).await;
 
     let url = format!("http://127.0.0.1:{port}/slow");
@@ -184,24 +169,12 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
 async fn per_core_workers_park_and_resume_idle_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let b = backend("a").spawn().await;
-    let (port, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nworker_threads = 2\nidle_park_after = \"100ms\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{}\" }}]\n",
-            b.addr
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let cfg = binary_config(
+        |_| "worker_threads = 2\nidle_park_after = \"100ms\"".into(),
+        b.addr,
+    );
+    let (port, admin) = (cfg.port, cfg.admin);
+    let mut child = run_binary(&[], &cfg.path);
     wait_ready(&format!("http://127.0.0.1:{admin}/ready")).await;
     let parked = |n: u64| {
         let url = format!("http://127.0.0.1:{admin}/status");

@@ -354,13 +354,9 @@ async fn parking_works_on_a_multi_thread_runtime_too() {
 }
 
 /// An idle connection parked, resumed by pipelined requests, parked and resumed again.
-async fn parked_and_resumed(threading: &str) {
+async fn parked_and_resumed() {
     let b = backend("a").spawn().await;
-    let p = proxy(&parking(
-        &format!("idle_timeout = \"10s\"\n{threading}"),
-        b.addr,
-    ))
-    .await;
+    let p = proxy(&parking("idle_timeout = \"10s\"", b.addr)).await;
     let mut s = TcpStream::connect(p.running.addr("http")).await.unwrap();
     let mut pending = Vec::new();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

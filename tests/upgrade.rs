@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,33 +11,20 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_under_load_fails_no_request_and_the_old_process_exits() {
     let b = backend("app").spawn().await;
-    let (port, admin) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\ndrain_timeout = \"5s\"\nupgrade_socket = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{}\" }}]\n",
-            dir.path().join("upgrade.sock").display(),
-            b.addr
-        ),
-    )
-    .unwrap();
-    let spawn = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let cfg = binary_config(
+        |dir| {
+            format!(
+                "drain_timeout = \"5s\"\nupgrade_socket = \"{}\"",
+                dir.join("upgrade.sock").display()
+            )
+        },
+        b.addr,
+    );
+    let port = cfg.port;
+    let spawn = |args: &[&str]| run_binary(args, &cfg.path);
     let mut old = spawn(&[]);
     let url = format!("http://127.0.0.1:{port}/");
     let t = Instant::now();

@@ -538,3 +538,49 @@ pub async fn raw_exchange(addr: SocketAddr, chunks: &[&[u8]]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The `fulcrum` binary run by a test: its config file (in a directory removed on drop),
+/// listener and admin ports.
+pub struct BinaryConfig {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    pub port: u16,
+    pub admin: u16,
+}
+
+/// A config for the binary: `server` (the `[server]` lines, given the config's directory)
+/// and one listener routing everything to `backend`, on free ports.
+pub fn binary_config(
+    server: impl FnOnce(&std::path::Path) -> String,
+    backend: SocketAddr,
+) -> BinaryConfig {
+    let (port, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\n{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\npool = \"p\"\n[pools.p]\nbackends = [{{ address = \"{backend}\" }}]\n",
+            server(dir.path())
+        ),
+    )
+    .unwrap();
+    BinaryConfig {
+        dir,
+        path,
+        port,
+        admin,
+    }
+}
+
+/// Starts `fulcrum ARGS -c PATH`, its output discarded.
+pub fn run_binary(args: &[&str], path: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(args)
+        .arg("-c")
+        .arg(path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
