@@ -23,7 +23,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
@@ -324,7 +324,7 @@ async fn exchange(
             }
         }
         conn.rbuf.reserve(READ_CHUNK);
-        match conn.stream.read_buf(&mut conn.rbuf).await {
+        match crate::http1::read_drained(&conn.stream, &mut conn.rbuf).await {
             Ok(0) if !received => {
                 return Err(Failure::Stale(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -631,7 +631,7 @@ impl http_body::Body for H1Body {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A backend that answers each request on a connection with the next canned answer, and
