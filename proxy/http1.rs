@@ -184,13 +184,7 @@ pub(crate) fn serve(
             }
             // Everything a request needs lives in this boxed future, so that the connection's
             // own task (what an idle connection costs) stays a few hundred bytes.
-            // Made in its box rather than moved there: the future is about 7 KB, and a move
-            // is a copy of all of it for every request.
-            let boxed = Box::write(
-                Box::new_uninit(),
-                request(&mut stream, &mut buf, &shared, &info, first),
-            );
-            let next = Box::into_pin(boxed).await;
+            let next = Box::pin(request(&mut stream, &mut buf, &shared, &info, first)).await;
             match next {
                 Next::KeepAlive => first = None,
                 Next::Close => return,

@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use fulcrum::config::Config;
+
 /// Returns the memory this thread's heap and mimalloc's arenas hold free to the system
 /// (after a burst of idle connections was parked: `fulcrum::park`).
 #[allow(unsafe_code)]
@@ -19,7 +21,6 @@ fn release_memory() {
     // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
-use fulcrum::config::Config;
 
 #[derive(Parser)]
 #[command(

@@ -75,6 +75,16 @@ pub fn set_release(f: fn()) {
     let _ = RELEASE.set(f);
 }
 
+impl Set {
+    /// Takes the connection in slot `key` (which must be there) out of the set and its poll.
+    fn take(&mut self, key: usize) -> Parked {
+        let conn = self.conns.remove(key);
+        let fd = conn.stream.as_raw_fd();
+        let _ = self.registry.deregister(&mut SourceFd(&fd));
+        conn
+    }
+}
+
 /// Events taken from a set's poll per turn.
 const EVENTS: usize = 256;
 
@@ -250,7 +260,7 @@ async fn sleep_until(at: Option<Instant>) {
 /// A parked socket became readable: a request (resume the connection on a new task on this
 /// worker), the client's close (drop it), or nothing after all (keep it parked).
 fn resume(shared: &Arc<Shared>, slot: usize, key: usize) {
-    let conn = {
+    let (conn, request) = {
         let mut g = shared.parking.lock(slot);
         let Some(set) = g.as_mut() else { return };
         let Some(conn) = set.conns.get(key) else {
@@ -261,13 +271,10 @@ fn resume(shared: &Arc<Shared>, slot: usize, key: usize) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
             peeked => matches!(peeked, Ok(n) if n > 0),
         };
-        let conn = set.conns.remove(key);
-        let fd = conn.stream.as_raw_fd();
-        let _ = set.registry.deregister(&mut SourceFd(&fd));
+        let conn = set.take(key);
         compact(set);
         (conn, request)
     };
-    let (conn, request) = conn;
     if request {
         let Parked {
             stream,
@@ -301,10 +308,7 @@ fn expire(shared: &Shared, slot: usize) {
             }
             set.due.pop();
             if set.conns.get(key).is_some_and(|c| c.due == due) {
-                let conn = set.conns.remove(key);
-                let fd = conn.stream.as_raw_fd();
-                let _ = set.registry.deregister(&mut SourceFd(&fd));
-                gone.push(conn);
+                gone.push(set.take(key));
             }
         }
     }
