@@ -3,6 +3,7 @@
 #   loadtest/anchors.sh                       # defaults of anchors.sh (2 reps, wrk + oha)
 #   FULCRUM_THREADS=1 loadtest/anchors.sh     # fulcrum with one worker thread
 #   REPS=3 CASES="direct haproxy-t2" loadtest/anchors.sh
+#   FULCRUM_HEADERS=on loadtest/anchors.sh    # with fulcrum's default X-Forwarded-*/X-Request-Id
 # Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,9 +12,14 @@ THREADS=${FULCRUM_THREADS:-2}
 cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
 CONF=$(mktemp /tmp/fulcrum-anchors.XXXXXX.toml)
 trap 'rm -f "$CONF"' EXIT
-sed "s|^# worker_threads is set.*|worker_threads = $THREADS|" "$ROOT/loadtest/anchors.toml" > "$CONF"
 # the [server] table comes first in the file, so the line lands inside it
+sed "s|^# worker_threads is set.*|worker_threads = $THREADS|" "$ROOT/loadtest/anchors.toml" > "$CONF"
+NAME=fulcrum-t$THREADS
+if [[ ${FULCRUM_HEADERS:-off} == on ]]; then
+    sed -i '/^forwarded_headers = false$/d; /^request_id = false$/d' "$CONF"
+    NAME=$NAME-hdr
+fi
 export PROXY_CMD="env RUST_LOG=warn $ROOT/target/release/fulcrum -c $CONF"
 export PROXY_URL=http://127.0.0.1:8080/
-export PROXY_NAME=${PROXY_NAME:-fulcrum-t$THREADS}
+export PROXY_NAME=${PROXY_NAME:-$NAME}
 exec "$BENCH/anchors.sh"

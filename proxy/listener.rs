@@ -88,6 +88,8 @@ impl Listener {
             hsts: tls.as_ref().and_then(|t| t.hsts.clone()),
             // `redirect_https`: answer 308 to https (with this port; 443 is left out).
             redirect_https: config.redirect_https.then_some(https_port),
+            forwarded: config.forwarded_headers,
+            request_id: config.request_id,
             trusted: config.trusted_proxies.clone().into(),
             limits: crate::http1::Limits::new(server),
         });

@@ -43,6 +43,10 @@ pub struct ListenerInfo {
     pub hsts: Option<HeaderValue>,
     /// `redirect_https`: the https port to send clients to.
     pub redirect_https: Option<u16>,
+    /// `forwarded_headers`: add `X-Forwarded-*` on the way in.
+    pub forwarded: bool,
+    /// `request_id`: give each request an `X-Request-Id` and echo it in the answer.
+    pub request_id: bool,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted: Arc<[fulcrum_config::Cidr]>,
     /// Timeouts and head size for fulcrum's own HTTP/1.1 side.
@@ -130,12 +134,13 @@ pub async fn handle(
 ) -> Response<Body> {
     // Every request carries an id to the backend and back (generated when absent).
     let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => {
+        Some(id) => Some(id.clone()),
+        None if conn.listener.request_id => {
             let id = new_request_id();
             req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-            id
+            Some(id)
         }
+        None => None,
     };
     let log_fields = shared.access_log.as_ref().map(|log| {
         let h = req.headers();
@@ -173,8 +178,9 @@ pub async fn handle(
     if let Some(route) = &ctx.route {
         route.observe(status);
     }
-    resp.headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
+    if let (true, Some(id)) = (conn.listener.request_id, &request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    }
     if let Some((log, started, method, path, version, user_agent, referer)) = log_fields {
         let entry = crate::accesslog::Entry {
             log,
@@ -189,7 +195,11 @@ pub async fn handle(
             pool: ctx.pool.clone(),
             backend: ctx.backend.map(|b| b.to_string()),
             upstream: ctx.upstream,
-            request_id: request_id.to_str().unwrap_or("").to_string(),
+            request_id: request_id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
             user_agent,
             referer,
         };
@@ -379,12 +389,14 @@ async fn proxy(
     }
 
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarded(
-        &mut parts.headers,
-        conn.peer.ip(),
-        conn.listener.tls,
-        host.as_ref(),
-    );
+    if conn.listener.forwarded {
+        headers::add_forwarded(
+            &mut parts.headers,
+            conn.peer.ip(),
+            conn.listener.tls,
+            host.as_ref(),
+        );
+    }
     if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host) {
         parts.headers.insert(header::HOST, h.clone());
     }

@@ -42,6 +42,36 @@ async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop() {
 }
 
 #[tokio::test]
+async fn a_listener_can_leave_out_the_forwarded_headers_and_the_request_id() {
+    let b = backend("a").spawn().await;
+    let config = one_pool("round_robin", &[(b.addr, 1)], "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
+        "listen = \"127.0.0.1:0\"\nforwarded_headers = false\nrequest_id = false\n\n[[routes]]",
+    );
+    let p = proxy(&config).await;
+    let (status, headers, _) = get(&p.url, &[("x-forwarded-for", "203.0.113.7")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = b.last_headers();
+    // Passed on as the client sent it, nothing added.
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7");
+    for name in ["x-forwarded-proto", "x-forwarded-host", "x-request-id"] {
+        assert!(seen.get(name).is_none(), "{name}: {seen:?}");
+    }
+    assert!(headers.get("x-request-id").is_none(), "{headers:?}");
+    // A client's own id still reaches the backend (it is just a header then).
+    get(&p.url, &[("x-request-id", "req-7")]).await;
+    assert_eq!(b.last_headers()["x-request-id"], "req-7");
+
+    // The defaults add them (the same backend, a default listener).
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let (_, headers, _) = get(&p.url, &[]).await;
+    let seen = b.last_headers();
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-request-id"], headers["x-request-id"]);
+}
+
+#[tokio::test]
 async fn ten_mib_upload_and_download_pass_whole() {
     let b = backend("a").spawn().await;
     let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;

@@ -123,6 +123,11 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     pub max_connections: Option<u32>,
     pub max_connections_per_ip: Option<u32>,
+    /// Add `X-Forwarded-For`/`-Proto`/`-Host` to requests (HAProxy's `option forwardfor`).
+    pub forwarded_headers: bool,
+    /// Give every request an `X-Request-Id` (kept when the client sent one) and echo it in
+    /// the answer (Envoy's `generate_request_id`).
+    pub request_id: bool,
 }
 
 /// An IP network such as `10.0.0.0/8`.

@@ -76,6 +76,10 @@ pub struct RawListener {
     pub tls: Option<S<RawTls>>,
     pub max_connections: Option<S<i64>>,
     pub max_connections_per_ip: Option<S<i64>>,
+    #[serde(default = "yes")]
+    pub forwarded_headers: bool,
+    #[serde(default = "yes")]
+    pub request_id: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -186,6 +186,8 @@ pub(crate) fn validate(raw: RawConfig, path: &str, text: &str) -> Result<Config,
                 tls,
                 max_connections,
                 max_connections_per_ip,
+                forwarded_headers: l.forwarded_headers,
+                request_id: l.request_id,
             });
         }
     }
@@ -848,6 +850,24 @@ backends = [{ address = "127.0.0.1:9001" }]
         assert_eq!(c.server.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.routes[0].path_prefix, "/");
+        assert!(c.listeners[0].forwarded_headers && c.listeners[0].request_id);
+    }
+
+    #[test]
+    fn listener_header_switches_parse_and_refuse_non_booleans() {
+        let off = MIN.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\nforwarded_headers = false\nrequest_id = false\n",
+        );
+        let c = Config::parse(&off, "f.toml").unwrap();
+        assert!(!c.listeners[0].forwarded_headers && !c.listeners[0].request_id);
+        let bad = MIN.replace(
+            "listen = \"127.0.0.1:8080\"\n",
+            "listen = \"127.0.0.1:8080\"\nrequest_id = \"no\"\n",
+        );
+        let e = errors(&bad);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("f.toml:5:"), "{}", e[0]);
     }
 
     #[test]
