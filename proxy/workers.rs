@@ -39,8 +39,12 @@ impl Drop for Busy {
 
 /// Called just before a write to a peer (a response to a client, a request to a backend).
 /// When this thread carries other requests, the write waits for the end of the current
-/// event-loop turn (`yield_now` resumes after the reactor has been polled), so the writes
-/// of one turn go out together, after its reads. A peer woken by the first of them (a
+/// event-loop turn, so the writes of one turn go out together, after its reads: on a
+/// per-core worker the task wakes itself once, which puts it at the back of the worker's run
+/// queue, behind every task the last reactor poll woke (`yield_now` would also wait for
+/// another reactor poll, one more `epoll_wait` per turn: measured 12.0 vs 12.7 µs/request
+/// at one thread); elsewhere (the work-stealing runtime, where a self-wake would run the
+/// task again at once) `yield_now`. A peer woken by the first of them (a
 /// client's or a backend's event loop) then finds the next ones already there, instead of
 /// waking, handling one message and going back to sleep for each: fewer wake-ups (each one
 /// costs the writer the scheduler's work, measured as the top kernel frame) and fewer
@@ -48,7 +52,19 @@ impl Drop for Busy {
 /// reading every ready socket before it runs its streams. A lone request writes at once.
 pub async fn gather() {
     if BUSY.with(|b| b.get()) > 1 {
-        tokio::task::yield_now().await;
+        if SLOT.with(|s| s.get()) == 0 {
+            return tokio::task::yield_now().await;
+        }
+        let mut queued = false;
+        std::future::poll_fn(|cx| {
+            if queued {
+                return std::task::Poll::Ready(());
+            }
+            queued = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await;
     }
 }
 
