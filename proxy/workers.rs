@@ -68,6 +68,12 @@ pub async fn gather() {
     }
 }
 
+/// Tasks a worker runs between two looks at its sockets when it always has work (tokio's
+/// default is 61). Every task here is woken by I/O, so looking sooner only splits the turn:
+/// at 61 a worker under load made 0.070 `epoll_wait` per request (HAProxy 0.045), at 256
+/// 0.053, and spent 1-3 % less CPU per request (one thread, alternating runs).
+const EVENT_INTERVAL: u32 = 256;
+
 /// The per-core worker runtimes.
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
@@ -114,6 +120,7 @@ pub fn start(n: usize) -> std::io::Result<&'static Workers> {
                 SLOT.with(|s| s.set(i + 1));
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .event_interval(EVENT_INTERVAL)
                     .build()
                 {
                     Ok(rt) => rt,
