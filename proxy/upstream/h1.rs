@@ -6,7 +6,9 @@
 //! takes an idle connection off the backend's LIFO stack (the warmest socket), writes its head
 //! and small body in one `write`, reads the answer with `httparse` on the request's own task,
 //! and hands the connection back the moment the body has been read — for the small answers
-//! that dominate, before the response even leaves `send`.
+//! that dominate, before the response even leaves `send`. Idle connections expire after the
+//! pool's idle timeout: the top when a request finds it expired, the bottom (the oldest) when
+//! a connection is handed back, so a burst's extra connections do not outlive it under load.
 //!
 //! Only requests whose body is already in memory (or absent) and that ask for no upgrade come
 //! here; streamed uploads, WebSocket, HTTP/2 and TLS backends stay on hyper-util.
@@ -132,17 +134,29 @@ impl H1Pool {
     }
 
     fn checkin(&self, conn: Conn) {
-        let Ok(mut idle) = self.stack().lock() else {
-            return;
-        };
-        if idle.len() < self.max_idle {
-            // The attempt's start: early by the exchange's duration at most, which only makes
-            // the connection expire that much sooner.
-            idle.push(Idle {
-                conn,
-                since: crate::clock::last().into_std(),
-            });
+        // The attempt's start: early by the exchange's duration at most, which only makes
+        // the connection expire that much sooner.
+        let now = crate::clock::last().into_std();
+        let mut expired = Vec::new();
+        {
+            let Ok(mut idle) = self.stack().lock() else {
+                return;
+            };
+            // The bottom of the stack is the oldest. Connections a burst opened that steady
+            // load never reaches again close at the idle timeout here, instead of lingering
+            // until the backend closes them (one comparison when the bottom is fresh).
+            let stale = idle
+                .iter()
+                .take_while(|i| now.saturating_duration_since(i.since) >= self.idle_timeout)
+                .count();
+            if stale > 0 {
+                expired.extend(idle.drain(..stale));
+            }
+            if idle.len() < self.max_idle {
+                idle.push(Idle { conn, since: now });
+            }
         }
+        drop(expired); // closes outside the lock
     }
 
     async fn connect(&self) -> Result<Conn, ProxyError> {
@@ -773,6 +787,53 @@ mod tests {
         assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "hi");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "hi");
+    }
+
+    #[tokio::test]
+    async fn connections_a_burst_left_at_the_bottom_close_at_the_idle_timeout() {
+        // A backend answering every request on every connection, and saying when one closes.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let mut b = [0u8; 1024];
+                    while matches!(s.read(&mut b).await, Ok(n) if n > 0) {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+                        if s.write_all(ok).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        let p = pool(addr);
+        // Two at once: two connections, both back in the stack.
+        crate::clock::now();
+        let (ga, gb) = (get("/"), get("/"));
+        let (a, b) = tokio::join!(p.send_to(&ga, None), p.send_to(&gb, None));
+        assert_eq!(text(a.unwrap()).await, "hi");
+        assert_eq!(text(b.unwrap()).await, "hi");
+        assert_eq!(p.idle_count(), 2);
+
+        tokio::time::pause();
+        // Steady load on the top connection only: the bottom one ages.
+        for _ in 0..2 {
+            tokio::time::advance(Duration::from_secs(31)).await;
+            crate::clock::now();
+            assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "hi");
+        }
+        // 62 s after the burst: the bottom one (idle timeout 60 s) was closed at the last
+        // check-in; the top one (used 0 s ago) stays.
+        assert_eq!(p.idle_count(), 1);
+        tokio::time::resume();
+        tokio::time::timeout(Duration::from_secs(5), closed.recv())
+            .await
+            .expect("the backend sees the stale connection close");
     }
 
     #[tokio::test]
