@@ -46,6 +46,9 @@ pub(crate) struct Parked {
 /// The sets of one server, one per worker thread (slot), each made on its first use.
 pub struct Parking {
     per_worker: Box<[Mutex<Option<Set>>]>,
+    /// The control plane's runtime (the accept loops'): asked to release memory too, because
+    /// the small task that hands each accepted connection to its worker is allocated there.
+    control: Option<tokio::runtime::Handle>,
 }
 
 struct Set {
@@ -94,6 +97,7 @@ impl Parking {
             per_worker: (0..crate::workers::slots().max(1))
                 .map(|_| Mutex::new(None))
                 .collect(),
+            control: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -239,8 +243,19 @@ async fn run(shared: Weak<Shared>, slot: usize, mut poll: AsyncFd<mio::Poll>, wa
                 if let Some(set) = shared.parking.lock(slot).as_mut() {
                     set.dirty = false;
                 }
+                // The idle upstream connections of this worker let go of their buffers, then
+                // the allocator releases per thread: this worker's, and the accept thread's
+                // (freed here, its blocks wait for that thread to collect them).
+                for pool in shared.snapshot.load().pools.values() {
+                    for b in &pool.backends {
+                        b.state.client.trim();
+                    }
+                }
                 if let Some(release) = RELEASE.get() {
                     release();
+                    if let Some(control) = &shared.parking.control {
+                        drop(control.spawn(async { release() }));
+                    }
                 }
             }
             _ = sleep_until(next), if next.is_some() => {

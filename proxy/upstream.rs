@@ -63,6 +63,15 @@ pub struct UpstreamClient {
     h1: Option<Arc<h1::H1Pool>>,
 }
 
+impl UpstreamClient {
+    /// This worker's idle HTTP/1.1 connections drop their buffers ([`h1::H1Pool::trim`]).
+    pub fn trim(&self) {
+        if let Some(h1) = &self.h1 {
+            h1.trim();
+        }
+    }
+}
+
 /// A backend's response body, from whichever client carried the request.
 pub enum UpstreamBody {
     Hyper(Incoming),

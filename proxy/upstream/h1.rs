@@ -133,6 +133,22 @@ impl H1Pool {
         found
     }
 
+    /// Lets this worker's idle connections drop their buffers, when the worker goes quiet
+    /// after a burst (`crate::park` asks, before the allocator returns freed memory): the
+    /// connections a burst opened would otherwise keep 17 KiB each, and pin allocator pages
+    /// that the burst's finished requests left all but empty. The next exchange on each takes
+    /// fresh buffers. Not done per request: that cost 2 % of the CPU per request.
+    pub fn trim(&self) {
+        if let Ok(mut idle) = self.stack().lock() {
+            for i in idle.iter_mut() {
+                if i.conn.rbuf.is_empty() {
+                    i.conn.rbuf = BytesMut::new();
+                }
+                i.conn.wbuf = Vec::new();
+            }
+        }
+    }
+
     fn checkin(&self, conn: Conn) {
         // The attempt's start: early by the exchange's duration at most, which only makes
         // the connection expire that much sooner.
@@ -174,7 +190,7 @@ impl H1Pool {
         Ok(Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: Vec::with_capacity(1024),
+            wbuf: Vec::new(),
         })
     }
 
@@ -276,6 +292,7 @@ fn encode_head(
 ) {
     use std::io::Write;
     buf.clear();
+    buf.reserve(1024); // a trimmed idle connection holds none (`H1Pool::trim`)
     buf.extend_from_slice(parts.method.as_str().as_bytes());
     buf.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -834,6 +851,29 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), closed.recv())
             .await
             .expect("the backend sees the stale connection close");
+    }
+
+    #[tokio::test]
+    async fn trimmed_idle_connections_hold_no_buffers_and_still_serve() {
+        let (addr, _heads) = canned(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntwo",
+        ])
+        .await;
+        let p = pool(addr);
+        let held = |p: &H1Pool| {
+            let idle = p.stack().lock().unwrap();
+            idle.iter()
+                .map(|i| i.conn.rbuf.capacity() + i.conn.wbuf.capacity())
+                .sum::<usize>()
+        };
+        assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "one");
+        assert_eq!(p.idle_count(), 1);
+        assert!(held(&p) >= 1024, "buffers kept between requests under load");
+        p.trim();
+        assert_eq!((p.idle_count(), held(&p)), (1, 0));
+        // The same connection (the canned backend accepts only one) takes fresh buffers.
+        assert_eq!(text(p.send_to(&get("/"), None).await.unwrap()).await, "two");
     }
 
     #[tokio::test]
