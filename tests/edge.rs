@@ -9,15 +9,12 @@ use http::StatusCode;
 use support::*;
 
 fn edge_config(backends: &[&TestBackend], listener_extra: &str, algorithm: &str) -> String {
-    one_pool(
+    let config = one_pool(
         algorithm,
         &backends.iter().map(|b| (b.addr, 1)).collect::<Vec<_>>(),
         "",
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        &format!("listen = \"127.0.0.1:0\"\n{listener_extra}\n\n[[routes]]"),
-    )
+    );
+    on_listener(&config, listener_extra)
 }
 
 /// Sends `prefix` then a GET over one raw connection; returns what came back.

@@ -177,10 +177,10 @@ async fn grpc_over_tls_with_alpn_h2() {
         .unwrap();
     std::fs::write(dir.path().join("c.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).unwrap();
-    let text = grpc_pool(&[b], "").replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
+    let text = on_listener(
+        &grpc_pool(&[b], ""),
         &format!(
-            "listen = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\n[[routes]]",
+            "tls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}",
             dir.path().join("c.pem").display(),
             dir.path().join("k.pem").display()
         ),

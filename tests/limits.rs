@@ -186,9 +186,9 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_connection_caps_answer_503_and_requests_per_connection_are_capped() {
     let b = backend("a").spawn().await;
-    let text = one_pool("round_robin", &[(b.addr, 1)], "").replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        "listen = \"127.0.0.1:0\"\nmax_connections = 2\n\n[[routes]]",
+    let text = on_listener(
+        &one_pool("round_robin", &[(b.addr, 1)], ""),
+        "max_connections = 2",
     );
     let p = proxy(&text).await;
     let addr = p.running.addr("http");
@@ -210,13 +210,10 @@ async fn listener_connection_caps_answer_503_and_requests_per_connection_are_cap
     let text = format!(
         "[server]\nmax_requests_per_connection = 3\n{}",
         one_pool("round_robin", &[(b.addr, 1)], "")
-    )
-    .replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        // 2, not 1: the client reconnects before the closed connection's task has given its
-        // place back.
-        "listen = \"127.0.0.1:0\"\nmax_connections_per_ip = 2\n\n[[routes]]",
     );
+    // 2, not 1: the client reconnects before the closed connection's task has given its
+    // place back.
+    let text = on_listener(&text, "max_connections_per_ip = 2");
     let p = proxy(&text).await;
     let addr = p.running.addr("http");
     // One connection at a time, by hand (a pooled client may open a second one while the

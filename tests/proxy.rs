@@ -44,9 +44,9 @@ async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop() {
 #[tokio::test]
 async fn a_listener_can_leave_out_the_forwarded_headers_and_the_request_id() {
     let b = backend("a").spawn().await;
-    let config = one_pool("round_robin", &[(b.addr, 1)], "").replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        "listen = \"127.0.0.1:0\"\nforwarded_headers = false\nrequest_id = false\n\n[[routes]]",
+    let config = on_listener(
+        &one_pool("round_robin", &[(b.addr, 1)], ""),
+        "forwarded_headers = false\nrequest_id = false",
     );
     let p = proxy(&config).await;
     let (status, headers, _) = get(&p.url, &[("x-forwarded-for", "203.0.113.7")]).await;

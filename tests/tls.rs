@@ -427,9 +427,9 @@ async fn curl_speaks_http2_and_http1_to_the_tls_listener() {
 #[tokio::test]
 async fn redirect_https_answers_308() {
     let b = backend("app").spawn().await;
-    let text = one_pool("round_robin", &[(b.addr, 1)], "").replace(
-        "listen = \"127.0.0.1:0\"\n\n[[routes]]",
-        "listen = \"127.0.0.1:0\"\nredirect_https = true\n\n[[routes]]",
+    let text = on_listener(
+        &one_pool("round_robin", &[(b.addr, 1)], ""),
+        "redirect_https = true",
     );
     let p = proxy(&text).await;
     let (status, headers, _) = get(

@@ -346,6 +346,17 @@ pub async fn proxy(config: &str) -> TestProxy {
     TestProxy { running, url }
 }
 
+/// `config` (one listener on port 0 followed by the routes, as [`one_pool`] writes it) with
+/// `lines` added to the listener's table.
+pub fn on_listener(config: &str, lines: &str) -> String {
+    let at = "listen = \"127.0.0.1:0\"\n\n[[routes]]";
+    assert!(config.contains(at), "no listener table to add to: {config}");
+    config.replace(
+        at,
+        &format!("listen = \"127.0.0.1:0\"\n{lines}\n\n[[routes]]"),
+    )
+}
+
 /// A config with one listener, one catch-all route and one pool over `backends`
 /// (`(address, weight)`), plus `extra` TOML lines inside the pool table.
 pub fn one_pool(algorithm: &str, backends: &[(SocketAddr, u32)], extra: &str) -> String {
