@@ -132,11 +132,7 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     while slow.hits() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&child);
     tokio::time::sleep(Duration::from_millis(200)).await;
     // Draining: /ready says so, and no new connection is accepted.
     let (status, _, _) = get(&format!("http://127.0.0.1:{admin}/ready"), &[]).await;
@@ -148,18 +144,13 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
 
     let (status, _, body) = request.await.unwrap();
     assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fulcrum did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    let status = exited(
+        &mut child,
+        Duration::from_secs(10),
+        "fulcrum did not exit after draining",
+    )
+    .await;
+    assert_eq!(status.code(), Some(0));
 }
 
 /// The binary's default threading is per core, which in-process servers do not have: an
@@ -230,23 +221,9 @@ async fn per_core_workers_park_and_resume_idle_connections() {
     assert!(parked(3).await, "a closed connection stayed parked");
     assert_eq!(b.hits(), 8);
 
-    let started = Instant::now();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "fulcrum did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(code, Some(0));
+    sigterm(&child);
+    let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+    assert_eq!(status.code(), Some(0));
     for s in &mut conns {
         let mut b = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await;

@@ -68,16 +68,12 @@ async fn upgrade_under_load_fails_no_request_and_the_old_process_exits() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let upgrade_at = Instant::now();
     let mut new = spawn(&["upgrade"]);
-    let exit = loop {
-        if let Some(s) = old.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            upgrade_at.elapsed() < Duration::from_secs(15),
-            "the old process did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let exit = exited(
+        &mut old,
+        Duration::from_secs(15),
+        "the old process did not exit",
+    )
+    .await;
     let took = upgrade_at.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);

@@ -595,3 +595,29 @@ pub fn run_binary(args: &[&str], path: &std::path::Path) -> std::process::Child 
         .spawn()
         .unwrap()
 }
+
+/// Sends `SIGTERM` to `child`.
+pub fn sigterm(child: &std::process::Child) {
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success(), "kill -TERM {} failed", child.id());
+}
+
+/// `child`'s exit status, polled for up to `limit`; fails the test with `what` if it is
+/// still running then.
+pub async fn exited(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
