@@ -240,23 +240,7 @@ async fn run(shared: Weak<Shared>, slot: usize, mut poll: AsyncFd<mio::Poll>, wa
             _ = wake.notified() => {}
             _ = tokio::time::sleep(QUIET), if dirty => {
                 let Some(shared) = shared.upgrade() else { return };
-                if let Some(set) = shared.parking.lock(slot).as_mut() {
-                    set.dirty = false;
-                }
-                // The idle upstream connections of this worker let go of their buffers, then
-                // the allocator releases per thread: this worker's, and the accept thread's
-                // (freed here, its blocks wait for that thread to collect them).
-                for pool in shared.snapshot.load().pools.values() {
-                    for b in &pool.backends {
-                        b.state.client.trim();
-                    }
-                }
-                if let Some(release) = RELEASE.get() {
-                    release();
-                    if let Some(control) = &shared.parking.control {
-                        drop(control.spawn(async { release() }));
-                    }
-                }
+                quiet(&shared, slot);
             }
             _ = sleep_until(next), if next.is_some() => {
                 let Some(shared) = shared.upgrade() else { return };
@@ -308,6 +292,27 @@ fn resume(shared: &Arc<Shared>, slot: usize, key: usize) {
         ));
     }
     // Otherwise the client closed (or the socket failed): dropping the connection closes it.
+}
+
+/// The set has parked no connection for [`QUIET`]: this worker's idle upstream connections let
+/// go of their buffers, then the allocator releases memory per thread: this worker's, and the
+/// accept thread's (it allocated the hand-over tasks freed here, whose blocks wait for that
+/// thread to collect them).
+fn quiet(shared: &Shared, slot: usize) {
+    if let Some(set) = shared.parking.lock(slot).as_mut() {
+        set.dirty = false;
+    }
+    for pool in shared.snapshot.load().pools.values() {
+        for b in &pool.backends {
+            b.state.client.trim();
+        }
+    }
+    if let Some(release) = RELEASE.get() {
+        release();
+        if let Some(control) = &shared.parking.control {
+            drop(control.spawn(async { release() }));
+        }
+    }
 }
 
 /// Closes the connections whose idle timeout has ended.
