@@ -117,6 +117,11 @@ pub(crate) fn serve(
         // The first request's head is due within the header timeout of the accept.
         let mut first = fresh.then(|| Instant::now() + info.listener.limits.header_timeout);
         let mut parkable = true;
+        // One timer for every wait between requests, moved on (`reset`) rather than made anew:
+        // a later deadline only updates the registered entry (tokio re-files it when the old
+        // one comes due), where a new timer per request took the wheel's lock twice and, when
+        // it was the earliest, woke the worker's event loop through its eventfd.
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
         loop {
             if buf.is_empty() {
                 // Idle: hold no buffer while waiting for the next request.
@@ -142,12 +147,13 @@ pub(crate) fn serve(
                 if shared.closing.is_set() {
                     return;
                 }
+                timer.as_mut().reset(park.unwrap_or(wait));
                 tokio::select! {
                     biased;
                     // Polled in place: no waiter is stored for it (`readable()` would add 152 bytes
                     // to every idle connection).
                     r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => if r.is_err() { return },
-                    _ = tokio::time::sleep_until(park.unwrap_or(wait)) => {
+                    _ = timer.as_mut() => {
                         if park.is_none() {
                             return;
                         }

@@ -242,6 +242,34 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
 }
 
+/// The wait between requests reuses one timer, moved on at each request: the timeout counts
+/// from the last request, and a connection used more often than its timeout stays open.
+#[tokio::test]
+async fn the_idle_timeout_counts_from_the_last_request() {
+    let b = backend("a").spawn().await;
+    let text = format!(
+        "[server]\nidle_timeout = \"400ms\"\n{}",
+        one_pool("round_robin", &[(b.addr, 1)], "")
+    );
+    let p = proxy(&text).await;
+    let mut s = kept_alive(&p, 1).await.remove(0);
+    let mut pending = Vec::new();
+    // Five more requests 250 ms apart: 1.25 s in all, three timeouts' worth.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = response(&mut s, &mut pending, false).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"a");
+    }
+    let idle_from = Instant::now();
+    assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
+    let waited = idle_from.elapsed();
+    assert!(waited >= Duration::from_millis(350), "{waited:?}");
+}
+
 #[tokio::test]
 async fn shutdown_closes_idle_keep_alive_connections_and_drains_clean() {
     let b = backend("a").spawn().await;
