@@ -205,8 +205,8 @@ impl UpstreamClient {
         last: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         if let Some((h1, bytes)) = self.h1_for(&parts.headers, &body) {
-            let sent = h1.send(parts, &backend.authority, bytes);
-            return h1_within(sent, backend.addr, timeout).await;
+            let sent = h1.send(parts, &backend.authority, bytes, timeout).await;
+            return sent.map(|r| r.map(UpstreamBody::H1));
         }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(backend.scheme.clone());
@@ -253,7 +253,8 @@ impl UpstreamClient {
             self.h1_for(req.headers(), req.body()),
         ) {
             let (parts, _) = req.into_parts();
-            return h1_within(h1.send(&parts, &authority, bytes), backend, timeout).await;
+            let sent = h1.send(&parts, &authority, bytes, timeout).await;
+            return sent.map(|r| r.map(UpstreamBody::H1));
         }
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout { backend, timeout }),
@@ -267,18 +268,5 @@ impl UpstreamClient {
                 source: Box::new(e),
             }),
         }
-    }
-}
-
-/// An h1 exchange bounded by `timeout` for the response head.
-async fn h1_within(
-    sent: impl std::future::Future<Output = Result<Response<h1::H1Body>, ProxyError>>,
-    backend: SocketAddr,
-    timeout: Duration,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    // From the attempt's start, read a moment ago (`service::proxy`).
-    match tokio::time::timeout_at(crate::clock::last() + timeout, sent).await {
-        Err(_) => Err(ProxyError::Timeout { backend, timeout }),
-        Ok(r) => r.map(|r| r.map(UpstreamBody::H1)),
     }
 }

@@ -42,11 +42,16 @@ const MAX_CHUNK_LINE: usize = 4096;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One keep-alive connection to a backend, with its buffers (kept across requests).
+/// One keep-alive connection to a backend, with its buffers and its response-head timer
+/// (kept across requests).
 pub struct Conn {
     stream: TcpStream,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
+    /// Each exchange moves it on to its own deadline (`reset`): later than the last one's, so
+    /// tokio only updates the registered entry, where a new timer per request took the
+    /// timer wheel's lock to insert it and again to remove it.
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 struct Idle {
@@ -78,6 +83,8 @@ enum Framing {
 enum Failure {
     Stale(io::Error),
     Failed(BoxError),
+    /// No response head by the deadline.
+    Timeout,
 }
 
 impl H1Pool {
@@ -145,6 +152,8 @@ impl H1Pool {
                 debug_assert!(i.conn.rbuf.is_empty());
                 i.conn.rbuf = BytesMut::new();
                 i.conn.wbuf = Vec::new();
+                // A fresh timer: the old one holds the waker of the last request's task.
+                i.conn.timer = Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()));
             }
         }
     }
@@ -175,13 +184,18 @@ impl H1Pool {
         drop(expired); // closes outside the lock
     }
 
-    async fn connect(&self) -> Result<Conn, ProxyError> {
+    /// A new connection, within the connect timeout and the exchange's `deadline`.
+    async fn connect(&self, deadline: Deadline) -> Result<Conn, ProxyError> {
         let connect = |source: BoxError| ProxyError::Connect {
             backend: self.addr,
             source,
         };
+        let limit = tokio::time::Instant::now() + self.connect_timeout;
         let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr)).await {
+            match tokio::time::timeout_at(limit.min(deadline.at), TcpStream::connect(self.addr))
+                .await
+            {
+                Err(_) if deadline.at < limit => return Err(self.timeout(deadline)),
                 Err(_) => return Err(connect("connect timed out".into())),
                 Ok(Err(e)) => return Err(connect(Box::new(e))),
                 Ok(Ok(s)) => s,
@@ -191,18 +205,33 @@ impl H1Pool {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::new(),
+            timer: Box::pin(tokio::time::sleep_until(deadline.at)),
         })
     }
 
+    fn timeout(&self, deadline: Deadline) -> ProxyError {
+        ProxyError::Timeout {
+            backend: self.addr,
+            timeout: deadline.timeout,
+        }
+    }
+
     /// Sends one request (head in `parts`, whole body in `body`) and reads the response
-    /// head; the body follows as the returned response's body.
-    /// `authority` is the `Host` sent when the request has none.
+    /// head, all within `timeout` of the attempt's start; the body follows as the returned
+    /// response's body, with no deadline. `authority` is the `Host` sent when the request
+    /// has none.
     pub async fn send(
         self: &Arc<Self>,
         parts: &Parts,
         authority: &http::uri::Authority,
         body: Option<Bytes>,
+        timeout: Duration,
     ) -> Result<Response<H1Body>, ProxyError> {
+        // From the attempt's start, read a moment ago (`UpstreamClient`).
+        let deadline = Deadline {
+            at: crate::clock::last() + timeout,
+            timeout,
+        };
         let head_request = parts.method == Method::HEAD;
         let body_len = body.as_ref().map_or(0, |b| b.len());
         // A reused connection the backend closed while idle: once more on a fresh one (the
@@ -213,10 +242,10 @@ impl H1Pool {
                     continue
                 }
                 Some(c) => (c, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(deadline).await?, false),
             };
             encode_head(&mut conn.wbuf, parts, authority, body_len);
-            match exchange(&mut conn, body.as_ref(), head_request).await {
+            match exchange(&mut conn, body.as_ref(), head_request, deadline.at).await {
                 Ok((resp, framing, keep_alive)) => {
                     return Ok(self.finish(conn, resp, framing, keep_alive));
                 }
@@ -225,6 +254,7 @@ impl H1Pool {
                 }
                 Err(Failure::Stale(e)) => return Err(self.upstream(Box::new(e))),
                 Err(Failure::Failed(e)) => return Err(self.upstream(e)),
+                Err(Failure::Timeout) => return Err(self.timeout(deadline)),
             }
         }
         Err(self.upstream("no connection".into()))
@@ -323,39 +353,69 @@ fn encode_head(
     buf.extend_from_slice(b"\r\n");
 }
 
-/// Writes the request and reads the response head (skipping `1xx` interim answers).
+/// The response head's deadline, and the timeout it came from (for the error).
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// [`talk`] on `conn`, bounded by `deadline` through the connection's own timer.
 async fn exchange(
     conn: &mut Conn,
+    body: Option<&Bytes>,
+    head_request: bool,
+    deadline: tokio::time::Instant,
+) -> Result<(Response<()>, Framing, bool), Failure> {
+    let Conn {
+        stream,
+        rbuf,
+        wbuf,
+        timer,
+    } = conn;
+    timer.as_mut().reset(deadline);
+    tokio::select! {
+        biased;
+        r = talk(stream, rbuf, wbuf, body, head_request) => r,
+        () = timer.as_mut() => Err(Failure::Timeout),
+    }
+}
+
+/// Writes the request and reads the response head (skipping `1xx` interim answers).
+async fn talk(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    wbuf: &mut Vec<u8>,
     body: Option<&Bytes>,
     head_request: bool,
 ) -> Result<(Response<()>, Framing, bool), Failure> {
     crate::workers::gather().await;
     let wrote = match body {
         Some(b) if b.len() <= COALESCE => {
-            conn.wbuf.extend_from_slice(b);
-            conn.stream.write_all(&conn.wbuf).await
+            wbuf.extend_from_slice(b);
+            stream.write_all(wbuf).await
         }
-        Some(b) => match conn.stream.write_all(&conn.wbuf).await {
-            Ok(()) => conn.stream.write_all(b).await,
+        Some(b) => match stream.write_all(wbuf).await {
+            Ok(()) => stream.write_all(b).await,
             Err(e) => Err(e),
         },
-        None => conn.stream.write_all(&conn.wbuf).await,
+        None => stream.write_all(wbuf).await,
     };
     wrote.map_err(Failure::Stale)?;
-    conn.rbuf.clear();
+    rbuf.clear();
     let mut received = false;
     loop {
-        if !conn.rbuf.is_empty() {
+        if !rbuf.is_empty() {
             received = true;
-            if let Some(parsed) = parse_head(&mut conn.rbuf, head_request)? {
+            if let Some(parsed) = parse_head(rbuf, head_request)? {
                 return Ok(parsed);
             }
-            if conn.rbuf.len() > MAX_HEAD {
+            if rbuf.len() > MAX_HEAD {
                 return Err(Failure::Failed("response head too large".into()));
             }
         }
-        conn.rbuf.reserve(READ_CHUNK);
-        match crate::http1::read_drained(&conn.stream, &mut conn.rbuf).await {
+        rbuf.reserve(READ_CHUNK);
+        match crate::http1::read_drained(stream, rbuf).await {
             Ok(0) if !received => {
                 return Err(Failure::Stale(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -724,8 +784,56 @@ mod tests {
             parts: &Parts,
             body: Option<Bytes>,
         ) -> Result<Response<H1Body>, ProxyError> {
-            self.send(parts, &"backend".parse().unwrap(), body).await
+            let timeout = Duration::from_secs(30);
+            self.send(parts, &"backend".parse().unwrap(), body, timeout)
+                .await
         }
+    }
+
+    /// The response-head deadline rides on the connection's one timer: a timer that came due
+    /// while its connection sat idle is moved on by the next exchange, which succeeds on the
+    /// same connection; an answer that does not come in time is a timeout.
+    #[tokio::test]
+    async fn the_connection_timer_bounds_each_exchange_and_survives_idle_firing() {
+        // One connection; two requests answered, the third read and left unanswered.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let (mut buf, mut seen) = (Vec::new(), 0);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    buf.drain(..end + 4);
+                    seen += 1;
+                    if seen <= 2 {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        s.write_all(ok).await.unwrap();
+                    }
+                }
+            }
+        });
+        let p = pool(addr);
+        let (req, authority) = (get("/"), "b".parse().unwrap());
+        let send = |t: u64| {
+            crate::clock::now(); // the attempt's start
+            p.send(&req, &authority, None, Duration::from_millis(t))
+        };
+        assert_eq!(text(send(300).await.unwrap()).await, "ok");
+        // The first deadline passes while the connection is idle in the pool.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(p.idle_count(), 1);
+        // The backend takes one connection only: this answer proves it was reused.
+        assert_eq!(text(send(300).await.unwrap()).await, "ok");
+        // No third answer: a timeout, after the deadline and not long after it.
+        let started = std::time::Instant::now();
+        let err = send(200).await.err();
+        let waited = started.elapsed();
+        assert!(matches!(err, Some(ProxyError::Timeout { .. })), "{err:?}");
+        assert!(waited >= Duration::from_millis(190), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+        assert_eq!(p.idle_count(), 0, "a timed-out connection is not reused");
     }
 
     async fn text(r: Response<H1Body>) -> String {
