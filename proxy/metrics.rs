@@ -4,13 +4,14 @@
 //! Gauges that mirror live state (in-flight, health, breaker, sessions) are set at scrape
 //! time from the snapshot instead of on every request.
 
-use std::sync::atomic::Ordering;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram as Hdr;
-use metrics::{Counter, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::Counter;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::server::Shared;
 
@@ -35,9 +36,26 @@ pub const TLS_HANDSHAKES: &str = "fulcrum_tls_handshakes_total";
 pub const POOL_PANIC: &str = "fulcrum_pool_panic";
 pub const ACCESS_LOG_DROPPED: &str = "fulcrum_access_log_dropped_total";
 
-/// Upper bounds of the request-duration histogram, in seconds.
-const DURATION_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Upper bounds of the request-duration histogram: as `le` labels, and in nanoseconds.
+const DURATION_LE: [&str; 14] = [
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+    "2.5", "5", "10",
+];
+const DURATION_BOUNDS_NS: [u64; 14] = [
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -48,8 +66,6 @@ pub fn install() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), &DURATION_BUCKETS)
-                .ok()?
                 // Gauges of backends that left stop being set at scrape time: drop them.
                 .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(Duration::from_secs(120)))
                 .build_recorder();
@@ -65,19 +81,50 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Histograms keep every sample until they are summarised, which a scrape does: without
-/// a scraper they would grow by 8 bytes a request for ever. Summarises every 5 s.
-pub fn spawn_upkeep() -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if let Some(h) = install() {
-                h.run_upkeep();
-            }
+/// `fulcrum_request_duration_seconds` of one backend: a count per bucket and the sum, as
+/// relaxed atomics, rendered by [`render`]. The exporter's own histograms keep every sample
+/// (8 bytes, in blocks it allocates) until an upkeep task sums them into buckets; here a
+/// request costs a bucket search and two adds, and there is nothing to sum up later.
+#[derive(Default)]
+pub struct DurationHistogram {
+    /// Not cumulative: `[i]` counts samples in `(bound[i-1], bound[i]]`; the last, above all.
+    buckets: [AtomicU64; DURATION_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn record(&self, latency: Duration) {
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        let i = DURATION_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Appends this histogram's Prometheus lines (buckets cumulative, `+Inf`, sum, count).
+    fn render(&self, out: &mut String, labels: &str) {
+        let mut cumulative = 0;
+        for (i, le) in DURATION_LE.iter().chain(&["+Inf"]).enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{REQUEST_DURATION}_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+            );
         }
-    })
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{REQUEST_DURATION}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{REQUEST_DURATION}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// A label value as the exposition format wants it: `\`, `"` and newlines escaped.
+fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
 }
 
 /// `1xx`..`5xx` as an index 0..=4.
@@ -90,7 +137,7 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// A backend's handles, made when it joins its pool.
 pub struct BackendMetrics {
     by_class: [Counter; 5],
-    duration: Histogram,
+    duration: DurationHistogram,
     pub health_checks_ok: Counter,
     pub health_checks_failed: Counter,
     pub health_transitions: Counter,
@@ -104,7 +151,7 @@ impl BackendMetrics {
             by_class: CLASSES.map(|c| {
                 metrics::counter!(REQUESTS_TOTAL, "pool" => pool.clone(), "backend" => backend.clone(), "code_class" => c)
             }),
-            duration: metrics::histogram!(REQUEST_DURATION, "pool" => pool.clone(), "backend" => backend.clone()),
+            duration: DurationHistogram::default(),
             health_checks_ok: metrics::counter!(HEALTH_CHECKS, "pool" => pool.clone(), "backend" => backend.clone(), "result" => "success"),
             health_checks_failed: metrics::counter!(HEALTH_CHECKS, "pool" => pool.clone(), "backend" => backend.clone(), "result" => "failure"),
             health_transitions: metrics::counter!(HEALTH_TRANSITIONS, "pool" => pool.clone(), "backend" => backend.clone()),
@@ -115,7 +162,7 @@ impl BackendMetrics {
     /// One answer from this backend (or fulcrum's own 502/504 for it).
     pub fn observe(&self, status: u16, latency: Duration) {
         self.by_class[code_class(status)].increment(1);
-        self.duration.record(latency.as_secs_f64());
+        self.duration.record(latency);
     }
 }
 
@@ -205,21 +252,35 @@ impl LatencyWindow {
     }
 }
 
-/// The `/metrics` text: live gauges refreshed from the snapshot, then everything rendered.
+/// The `/metrics` text: live gauges refreshed from the snapshot, then everything rendered,
+/// then the request-duration histograms of the backends in service or draining.
 pub fn render(shared: &Shared) -> String {
     let Some(handle) = install() else {
         return String::new();
     };
     let snap = shared.snapshot.load();
+    let mut durations = format!("# TYPE {REQUEST_DURATION} histogram\n");
+    let mut duration = |pool: &str, b: &crate::pool::Backend| {
+        if let Some(m) = &b.state.metrics {
+            let labels = format!(
+                "pool=\"{}\",backend=\"{}\"",
+                label_value(pool),
+                label_value(&b.addr.to_string())
+            );
+            m.duration.render(&mut durations, &labels);
+        }
+    };
     for pool in snap.pools.values() {
         let p = pool.name.to_string();
         metrics::gauge!(POOL_PANIC, "pool" => p.clone()).set(pool.in_panic() as u8 as f64);
         for b in &pool.backends {
             backend_gauges(&p, b, false);
+            duration(&p, b);
         }
     }
     for d in shared.drains_lock().iter() {
         backend_gauges(&d.pool, &d.backend, true);
+        duration(&d.pool, &d.backend);
     }
     for (result, n) in [
         ("applied", shared.changes_applied.load(Ordering::Relaxed)),
@@ -229,7 +290,12 @@ pub fn render(shared: &Shared) -> String {
     }
     metrics::counter!(RATELIMIT_STORE_ERRORS).absolute(shared.store_errors.load(Ordering::Relaxed));
     metrics::gauge!(CONNECTIONS_PARKED).set(shared.parking.count() as f64);
-    handle.render()
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&durations);
+    text
 }
 
 fn backend_gauges(pool: &str, b: &crate::pool::Backend, draining: bool) {
@@ -273,6 +339,41 @@ mod tests {
         assert_eq!(w.percentiles().count, 1);
         w.record_at(Duration::from_millis(5), t0);
         assert_eq!(w.percentiles().count, 2, "recorded again once free");
+    }
+
+    #[test]
+    fn duration_buckets_are_upper_bounds_and_render_cumulative() {
+        let h = DurationHistogram::default();
+        for us in [100, 500, 501, 3_000, 20_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let mut out = String::new();
+        h.render(&mut out, "pool=\"p\",backend=\"b\"");
+        let value = |series: &str| -> f64 {
+            let line = out.lines().find(|l| l.starts_with(series)).expect(series);
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        let bucket = |le: &str| {
+            value(&format!(
+                "{REQUEST_DURATION}_bucket{{pool=\"p\",backend=\"b\",le=\"{le}\"}}"
+            ))
+        };
+        // 0.5 ms is in the 0.5 ms bucket (`le` is inclusive), 0.501 ms is not.
+        assert_eq!(bucket("0.0005"), 2.0);
+        assert_eq!(bucket("0.001"), 3.0);
+        assert_eq!(bucket("0.005"), 4.0);
+        assert_eq!(bucket("10"), 4.0);
+        assert_eq!(bucket("+Inf"), 5.0);
+        assert_eq!(value(&format!("{REQUEST_DURATION}_count")), 5.0);
+        let sum = value(&format!("{REQUEST_DURATION}_sum"));
+        assert!((sum - 20.004101).abs() < 1e-9, "{sum}");
+        assert_eq!(out.lines().count(), 17);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("127.0.0.1:80"), "127.0.0.1:80");
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]

@@ -539,7 +539,6 @@ pub async fn start_inherited(
     ))];
     background.push(reload::spawn_resolve_loop(&shared));
     background.push(crate::ratelimit::spawn_sweeper(&shared));
-    background.push(crate::metrics::spawn_upkeep());
     if let Some(path) = &upgrade_socket {
         crate::upgrade::serve(std::path::Path::new(path), &shared)
             .with_context(|| format!("upgrade_socket: cannot listen on {path}"))?;
