@@ -341,9 +341,10 @@ async fn refuse(stream: &mut TcpStream, answer: &[u8]) -> Next {
 /// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
 /// header values keep sharing them); otherwise `buf` is left as it was.
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Request::new(&mut headers);
-    let len = match r.parse(buf) {
+    // Left uninitialised: zeroing 100 slots of 32 bytes was a 3 KiB memset per request.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut []);
+    let len = match r.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(httparse::Error::TooManyHeaders) => return Parsed::Refuse(TOO_LARGE),

@@ -441,9 +441,11 @@ fn parse_head(
     head_request: bool,
 ) -> Result<Option<(Response<()>, Framing, bool)>, Failure> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut slots);
-        let n = match parsed.parse(buf) {
+        // Left uninitialised: no 4 KiB memset per response.
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let parser = httparse::ParserConfig::default();
+        let n = match parser.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(Failure::Failed(format!("bad response head: {e}").into())),
