@@ -472,8 +472,15 @@ fn parse_head(
         };
         // Where each header sits in the head, so the values can share its bytes.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        // On the stack for the usual few headers (no 2 KiB memset for all 128).
         let count = parsed.headers.len();
+        let (mut inline, mut spilled) = ([(0u32, 0u32, 0u32, 0u32); 16], Vec::new());
+        let spans = if count <= inline.len() {
+            &mut inline[..count]
+        } else {
+            spilled.resize(count, (0, 0, 0, 0));
+            &mut spilled[..]
+        };
         for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
@@ -486,7 +493,7 @@ fn parse_head(
         }
         let head = buf.split_to(n).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for &(n_at, n_len, v_at, v_len) in &spans[..count] {
+        for &(n_at, n_len, v_at, v_len) in spans.iter() {
             let name = HeaderName::from_bytes(&head[n_at as usize..(n_at + n_len) as usize])
                 .map_err(|_| Failure::Failed("bad response header name".into()))?;
             let value =
@@ -1030,6 +1037,30 @@ mod tests {
         drop(closed);
         let e = pool(addr).send_to(&get("/"), None).await.err().unwrap();
         assert!(matches!(e, ProxyError::Connect { .. }), "{e}");
+    }
+
+    #[test]
+    fn response_heads_with_few_and_with_the_most_headers_keep_every_one() {
+        // Up to 16 spans sit on the stack, more spill to the heap: both sides of that line.
+        for n in [0, 16, 17, MAX_HEADERS - 1] {
+            let mut text = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+            for i in 0..n {
+                text.extend_from_slice(format!("x-{i}: value-{i}\r\n").as_bytes());
+            }
+            text.extend_from_slice(b"\r\n");
+            let mut buf = BytesMut::from(&text[..]);
+            let Ok(Some((resp, _, _))) = parse_head(&mut buf, false) else {
+                panic!("{n} headers: not parsed")
+            };
+            assert_eq!(resp.headers().len(), n + 1);
+            for i in 0..n {
+                assert_eq!(
+                    resp.headers()[format!("x-{i}").as_str()],
+                    format!("value-{i}")
+                );
+            }
+            assert!(buf.is_empty());
+        }
     }
 
     #[test]
