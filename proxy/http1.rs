@@ -368,17 +368,9 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let path = r.path.unwrap_or("");
     let path_range = (offset(path.as_bytes()), path.len());
     let mut length: Option<u64> = None;
-    // Where each header sits in the head, so the values can share its bytes: on the stack
-    // for the usual few headers (zeroing room for all 100 was a 3 KiB memset per request).
     let count = r.headers.len();
-    let (mut inline, mut spilled) = ([(0usize, 0usize, 0usize, 0usize); 16], Vec::new());
-    let spans = if count <= inline.len() {
-        &mut inline[..count]
-    } else {
-        spilled.resize(count, (0, 0, 0, 0));
-        &mut spilled[..]
-    };
-    for (h, span) in r.headers.iter().zip(spans.iter_mut()) {
+    let mut spans = crate::headers::Spans::new(count);
+    for (h, span) in r.headers.iter().zip(spans.as_mut_slice()) {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             let Some(n) = std::str::from_utf8(h.value)
@@ -409,7 +401,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Err(_) => return Parsed::Refuse(BAD_REQUEST),
     };
     let mut map = HeaderMap::with_capacity(count);
-    for &(no, nl, vo, vl) in spans.iter() {
+    for &(no, nl, vo, vl) in spans.as_slice() {
         let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };

@@ -472,33 +472,20 @@ fn parse_head(
         };
         // Where each header sits in the head, so the values can share its bytes.
         let base = buf.as_ptr() as usize;
-        // On the stack for the usual few headers (no 2 KiB memset for all 128).
         let count = parsed.headers.len();
-        let (mut inline, mut spilled) = ([(0u32, 0u32, 0u32, 0u32); 16], Vec::new());
-        let spans = if count <= inline.len() {
-            &mut inline[..count]
-        } else {
-            spilled.resize(count, (0, 0, 0, 0));
-            &mut spilled[..]
-        };
-        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let mut spans = crate::headers::Spans::new(count);
+        for (span, h) in spans.as_mut_slice().iter_mut().zip(parsed.headers.iter()) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            *span = (
-                name as u32,
-                h.name.len() as u32,
-                value as u32,
-                h.value.len() as u32,
-            );
+            *span = (name, h.name.len(), value, h.value.len());
         }
         let head = buf.split_to(n).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for &(n_at, n_len, v_at, v_len) in spans.iter() {
-            let name = HeaderName::from_bytes(&head[n_at as usize..(n_at + n_len) as usize])
+        for &(n_at, n_len, v_at, v_len) in spans.as_slice() {
+            let name = HeaderName::from_bytes(&head[n_at..n_at + n_len])
                 .map_err(|_| Failure::Failed("bad response header name".into()))?;
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(v_at as usize..(v_at + v_len) as usize))
-                    .map_err(|_| Failure::Failed("bad response header value".into()))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len))
+                .map_err(|_| Failure::Failed("bad response header value".into()))?;
             headers.append(name, value);
         }
         let framing = framing(&headers, status, head_request)?;
