@@ -36,26 +36,23 @@ pub const TLS_HANDSHAKES: &str = "fulcrum_tls_handshakes_total";
 pub const POOL_PANIC: &str = "fulcrum_pool_panic";
 pub const ACCESS_LOG_DROPPED: &str = "fulcrum_access_log_dropped_total";
 
-/// Upper bounds of the request-duration histogram: as `le` labels, and in nanoseconds.
-const DURATION_LE: [&str; 14] = [
-    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
-    "2.5", "5", "10",
-];
-const DURATION_BOUNDS_NS: [u64; 14] = [
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-    5_000_000_000,
-    10_000_000_000,
+/// Upper bounds of the request-duration histogram: in nanoseconds, and as the `le` label
+/// that says it in seconds.
+const DURATION_BUCKETS: [(u64, &str); 14] = [
+    (500_000, "0.0005"),
+    (1_000_000, "0.001"),
+    (2_500_000, "0.0025"),
+    (5_000_000, "0.005"),
+    (10_000_000, "0.01"),
+    (25_000_000, "0.025"),
+    (50_000_000, "0.05"),
+    (100_000_000, "0.1"),
+    (250_000_000, "0.25"),
+    (500_000_000, "0.5"),
+    (1_000_000_000, "1"),
+    (2_500_000_000, "2.5"),
+    (5_000_000_000, "5"),
+    (10_000_000_000, "10"),
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -88,14 +85,14 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 #[derive(Default)]
 pub struct DurationHistogram {
     /// Not cumulative: `[i]` counts samples in `(bound[i-1], bound[i]]`; the last, above all.
-    buckets: [AtomicU64; DURATION_BOUNDS_NS.len() + 1],
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
     sum_ns: AtomicU64,
 }
 
 impl DurationHistogram {
     pub fn record(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
-        let i = DURATION_BOUNDS_NS.partition_point(|&b| b < ns);
+        let i = DURATION_BUCKETS.partition_point(|&(bound, _)| bound < ns);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
@@ -103,7 +100,8 @@ impl DurationHistogram {
     /// Appends this histogram's Prometheus lines (buckets cumulative, `+Inf`, sum, count).
     fn render(&self, out: &mut String, labels: &str) {
         let mut cumulative = 0;
-        for (i, le) in DURATION_LE.iter().chain(&["+Inf"]).enumerate() {
+        let les = DURATION_BUCKETS.iter().map(|&(_, le)| le).chain(["+Inf"]);
+        for (i, le) in les.enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
