@@ -80,7 +80,9 @@ enum Parsed {
 }
 
 struct Head {
-    req: Request<()>,
+    /// Boxed, with its body to come: the request then moves down the layers (exchange,
+    /// service, proxy) as a pointer, not as 264 bytes copied into each layer's future.
+    req: Box<Request<RequestBody>>,
     length: u64,
     keep_alive: bool,
 }
@@ -257,7 +259,7 @@ async fn request(
         }
     };
     let Head {
-        req,
+        mut req,
         length,
         keep_alive,
     } = head;
@@ -277,7 +279,7 @@ async fn request(
         }
         Some(buf.split_to(length).freeze())
     };
-    let req = req.map(|()| RequestBody::Full(body));
+    *req.body_mut() = RequestBody::Full(body);
     let _busy = crate::workers::Busy::start();
     if exchange(stream, shared, info, req, keep_alive).await {
         Next::KeepAlive
@@ -413,7 +415,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         map.append(name, value);
     }
     let keep_alive = crate::headers::keep_alive(&map, version);
-    let mut req = Request::new(());
+    let mut req = Box::new(Request::new(RequestBody::Full(None)));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -441,16 +443,16 @@ async fn exchange(
     stream: &mut TcpStream,
     shared: &Shared,
     info: &ConnInfo,
-    req: Request<RequestBody>,
+    req: Box<Request<RequestBody>>,
     keep_alive: bool,
 ) -> bool {
     let head_only = req.method() == Method::HEAD;
     let version = req.version();
-    let resp: Response<Body> = service::handle(shared, info, req).await;
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status.as_u16();
+    // The answer stays in its box (head and body): read in place, not moved out.
+    let mut resp: Box<Response<Body>> = service::handle(shared, info, req).await;
+    let status = resp.status().as_u16();
     let no_body = head_only || status < 200 || status == 204 || status == 304;
-    let mut keep = keep_alive && !crate::headers::connection_has(&parts.headers, b"close");
+    let mut keep = keep_alive && !crate::headers::connection_has(resp.headers(), b"close");
     enum Framing {
         Length(u64),
         Chunked,
@@ -458,7 +460,7 @@ async fn exchange(
     }
     let framing = if no_body {
         Framing::Length(0)
-    } else if let Some(n) = body.size_hint().exact() {
+    } else if let Some(n) = resp.body().size_hint().exact() {
         Framing::Length(n)
     } else if version == Version::HTTP_11 {
         Framing::Chunked
@@ -469,19 +471,19 @@ async fn exchange(
 
     let mut out = OutBuf::take();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.extend_from_slice(resp.status().as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut has_connection = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in resp.headers() {
         if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
             continue;
         }
         has_connection |= name == header::CONNECTION;
         crate::headers::write_field(&mut out, name, value);
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !resp.headers().contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         date::append(&mut out);
         out.extend_from_slice(b"\r\n");
@@ -503,17 +505,18 @@ async fn exchange(
         }
     }
     out.extend_from_slice(b"\r\n");
-    drop(parts);
+    // The head's values may share the backend connection's read buffer: let go of them now.
+    drop(std::mem::take(resp.headers_mut()));
 
     crate::workers::gather().await;
     if no_body {
-        drop(body);
+        drop(resp);
         return stream.write_all(&out).await.is_ok() && keep;
     }
     let mut sent: u64 = 0;
     loop {
         // Take what the body has ready now; write when it would wait (or at the end).
-        let frame = match frame_now(&mut body).await {
+        let frame = match frame_now(resp.body_mut()).await {
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if !out.is_empty() {
@@ -522,7 +525,7 @@ async fn exchange(
                     }
                     out.clear();
                 }
-                http_body_util::BodyExt::frame(&mut body).await
+                http_body_util::BodyExt::frame(resp.body_mut()).await
             }
         };
         match frame {

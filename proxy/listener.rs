@@ -329,7 +329,12 @@ pub(crate) async fn serve_hyper<I>(
         Box::pin(async move {
             let (shared, info) = &*both;
             Ok::<_, Infallible>(
-                service::handle(shared, info, req.map(crate::body::RequestBody::Hyper)).await,
+                *service::handle(
+                    shared,
+                    info,
+                    Box::new(req.map(crate::body::RequestBody::Hyper)),
+                )
+                .await,
             )
         })
     });

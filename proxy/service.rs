@@ -127,11 +127,14 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
 }
 
+/// One request through routing, the balancer and a backend (or an error answer). Requests
+/// and answers travel boxed: each layer's future then holds a pointer, where a `Request` or
+/// `Response` moved by value was copied (224-360 bytes) into every layer on its way.
 pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<RequestBody>,
-) -> Response<Body> {
+    mut req: Box<Request<RequestBody>>,
+) -> Box<Response<Body>> {
     // Every request carries an id to the backend and back (generated when absent).
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(id) => Some(id.clone()),
@@ -161,7 +164,7 @@ pub async fn handle(
     });
     let mut ctx = RequestCtx::default();
     let mut resp = match conn.listener.redirect_https {
-        Some(port) => redirect_to_https(&req, port),
+        Some(port) => Box::new(redirect_to_https(&req, port)),
         None => respond(shared, conn, req, &mut ctx).await,
     };
     // Draining (shutdown or upgrade): every answer closes its connection, so keep-alive
@@ -203,7 +206,8 @@ pub async fn handle(
             user_agent,
             referer,
         };
-        resp = resp.map(|b| Body::Logged(Box::new(b), Some(entry)));
+        let body = std::mem::replace(resp.body_mut(), Body::empty());
+        *resp.body_mut() = Body::Logged(Box::new(body), Some(entry));
     }
     if let Some(max) = conn.listener.max_requests {
         // The last request a connection may carry: tell the client; the connection (fulcrum's
@@ -254,9 +258,9 @@ fn redirect_to_https(req: &Request<RequestBody>, port: u16) -> Response<Body> {
 async fn respond(
     shared: &Shared,
     conn: &ConnInfo,
-    req: Request<RequestBody>,
+    req: Box<Request<RequestBody>>,
     ctx: &mut RequestCtx,
-) -> Response<Body> {
+) -> Box<Response<Body>> {
     let grpc = crate::grpc::is_grpc(req.headers());
     match proxy(shared, conn, req, ctx).await {
         Ok(resp) => resp,
@@ -267,11 +271,11 @@ async fn respond(
                 }
                 _ => tracing::debug!(error = %e, client = %conn.peer, "request refused"),
             }
-            if grpc {
+            Box::new(if grpc {
                 crate::grpc::error_response(&e)
             } else {
                 error_response(&e)
-            }
+            })
         }
     }
 }
@@ -287,13 +291,13 @@ pub(crate) fn idempotent(m: &Method) -> bool {
 async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
-    mut req: Request<RequestBody>,
+    mut req: Box<Request<RequestBody>>,
     ctx: &mut RequestCtx,
-) -> Result<Response<Body>, ProxyError> {
+) -> Result<Box<Response<Body>>, ProxyError> {
     // An upgrade (WebSocket) keeps the client's connection to splice it after the 101.
     let upgrade = websocket::requested_upgrade(req.headers());
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut *req));
+    let (mut parts, body) = (*req).into_parts();
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
     let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -475,7 +479,7 @@ async fn proxy(
 
     let mut client_upgrade = client_upgrade;
     let mut tried = [BackendId(0); 11];
-    let mut last: Option<Result<Response<Body>, ProxyError>> = None;
+    let mut last: Option<Result<Box<Response<Body>>, ProxyError>> = None;
     for attempt in 0..max_attempts as usize {
         if attempt > 0 {
             if !pool.retry_budget.try_withdraw() {
@@ -589,13 +593,13 @@ async fn proxy(
                         shared.close_sessions.subscribe(),
                         shared.sessions.clone(),
                     ));
-                    return Ok(Response::from_parts(rparts, Body::empty()));
+                    return Ok(Box::new(Response::from_parts(rparts, Body::empty())));
                 }
-                let resp = Response::from_parts(rparts, Body::with_guard(rbody, guard));
+                let resp = Box::new(Response::from_parts(rparts, Body::with_guard(rbody, guard)));
                 if !retry {
                     if let Some((method, accept)) = &compression {
                         if let Some(enc) = crate::compress::choose(method, accept, &resp) {
-                            return Ok(crate::compress::compress(resp, enc));
+                            return Ok(Box::new(crate::compress::compress(*resp, enc)));
                         }
                     }
                     return Ok(resp);
