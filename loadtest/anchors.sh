@@ -4,12 +4,18 @@
 #   FULCRUM_THREADS=1 loadtest/anchors.sh     # fulcrum with one worker thread
 #   REPS=3 CASES="direct haproxy-t2" loadtest/anchors.sh
 #   FULCRUM_HEADERS=on loadtest/anchors.sh    # with fulcrum's default X-Forwarded-*/X-Request-Id
+#   FULCRUM=target/pgo/release/fulcrum loadtest/anchors.sh   # the PGO build (loadtest/pgo.sh)
 # Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=${BENCH:-$ROOT/../shared/bench}
 THREADS=${FULCRUM_THREADS:-2}
-cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+FULCRUM=${FULCRUM:-}
+if [[ -z $FULCRUM ]]; then
+    cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+    FULCRUM=$ROOT/target/release/fulcrum
+fi
+FULCRUM=$(realpath "$FULCRUM")
 CONF=$(mktemp /tmp/fulcrum-anchors.XXXXXX.toml)
 trap 'rm -f "$CONF"' EXIT
 # the [server] table comes first in the file, so the line lands inside it
@@ -19,7 +25,8 @@ if [[ ${FULCRUM_HEADERS:-off} == on ]]; then
     sed -i '/^forwarded_headers = false$/d; /^request_id = false$/d' "$CONF"
     NAME=$NAME-hdr
 fi
-export PROXY_CMD="env RUST_LOG=warn $ROOT/target/release/fulcrum -c $CONF"
+[[ $FULCRUM == */pgo/* ]] && NAME=${NAME/fulcrum/fulcrum-pgo}
+export PROXY_CMD="env RUST_LOG=warn $FULCRUM -c $CONF"
 export PROXY_URL=http://127.0.0.1:8080/
 export PROXY_NAME=${PROXY_NAME:-$NAME}
 exec "$BENCH/anchors.sh"

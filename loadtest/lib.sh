@@ -2,11 +2,15 @@
 # exit (by PID, never by name). Loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-FULCRUM=$ROOT/target/release/fulcrum
+# FULCRUM=path runs that binary instead of building target/release/fulcrum (loadtest/pgo.sh's).
+FULCRUM=${FULCRUM:-$ROOT/target/release/fulcrum}
 OUT=${OUT:-$(mktemp -d /tmp/fulcrum-loadtest.XXXXXX)}
 PIDS=()
 
-build() { cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2; }
+build() {
+    [[ $FULCRUM != "$ROOT/target/release/fulcrum" ]] ||
+        cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+}
 
 # start NAME CMD...: run in the background, log to $OUT/NAME.log; sets LAST_PID
 start() {
