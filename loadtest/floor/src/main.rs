@@ -60,13 +60,7 @@ fn main() -> ExitCode {
         eprintln!("usage: floor epoll|uring LISTEN_PORT BACKEND_PORT[,...] [--touch BYTES]");
         return ExitCode::from(2);
     };
-    let run = bind(a.port).and_then(|l| {
-        if a.uring {
-            uring(l, &a)
-        } else {
-            epoll(l, &a)
-        }
-    });
+    let run = bind(a.port).and_then(|l| if a.uring { uring(l, &a) } else { epoll(l, &a) });
     match run {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -200,9 +194,9 @@ fn epoll(l: TcpListener, a: &Args) -> io::Result<()> {
                 if n == 0
                     || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
                 {
-                    // SAFETY: as above; each pair is closed once (its other event finds
-                    // nothing more to read on a closed descriptor number reused later, which
-                    // this experiment does not need to handle).
+                    // SAFETY: as above. Both ends of the pair close here; an event still
+                    // queued for the other end is not handled, as this experiment's
+                    // connections live for the whole run.
                     unsafe {
                         libc::close(fd);
                         libc::close(to);
