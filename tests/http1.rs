@@ -230,11 +230,7 @@ async fn gunzip(gz: &[u8], out: &mut String) {
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let b = backend("a").spawn().await;
-    let text = format!(
-        "[server]\nidle_timeout = \"300ms\"\n{}",
-        one_pool("round_robin", &[(b.addr, 1)], "")
-    );
-    let p = proxy(&text).await;
+    let p = proxy(&one_backend("idle_timeout = \"300ms\"", b.addr)).await;
     let mut s = kept_alive(&p, 1).await.remove(0);
     let idle_from = Instant::now();
     assert!(closed(&mut s, Duration::from_secs(3)).await, "still open");
@@ -247,11 +243,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn the_idle_timeout_counts_from_the_last_request() {
     let b = backend("a").spawn().await;
-    let text = format!(
-        "[server]\nidle_timeout = \"400ms\"\n{}",
-        one_pool("round_robin", &[(b.addr, 1)], "")
-    );
-    let p = proxy(&text).await;
+    let p = proxy(&one_backend("idle_timeout = \"400ms\"", b.addr)).await;
     let mut s = kept_alive(&p, 1).await.remove(0);
     let mut pending = Vec::new();
     // Five more requests 250 ms apart: 1.25 s in all, three timeouts' worth.
@@ -273,11 +265,7 @@ async fn the_idle_timeout_counts_from_the_last_request() {
 #[tokio::test]
 async fn shutdown_closes_idle_keep_alive_connections_and_drains_clean() {
     let b = backend("a").spawn().await;
-    let text = format!(
-        "[server]\ndrain_timeout = \"10s\"\n{}",
-        one_pool("round_robin", &[(b.addr, 1)], "")
-    );
-    let p = proxy(&text).await;
+    let p = proxy(&one_backend("drain_timeout = \"10s\"", b.addr)).await;
     let mut idle = kept_alive(&p, 3).await;
     drains_and_closes(p, &mut idle).await;
 }
@@ -362,11 +350,16 @@ async fn parked(p: &TestProxy, n: u64) -> bool {
     false
 }
 
-fn parking(extra: &str, b: std::net::SocketAddr) -> String {
+/// A config with `server` lines in `[server]` and one round-robin pool of backend `b`.
+fn one_backend(server: &str, b: std::net::SocketAddr) -> String {
     format!(
-        "[server]\nidle_park_after = \"50ms\"\n{extra}\n{}",
+        "[server]\n{server}\n{}",
         one_pool("round_robin", &[(b, 1)], "")
     )
+}
+
+fn parking(extra: &str, b: std::net::SocketAddr) -> String {
+    one_backend(&format!("idle_park_after = \"50ms\"\n{extra}"), b)
 }
 
 #[tokio::test]
