@@ -64,6 +64,8 @@ start_backends() {
 
 # start_proxy CASE: fulcrum-tN, haproxy-tN or nginx-wN in front of those backends; sets
 # CASE_URL and CASE_PID. Ports: fulcrum 8080 (admin 9099), nginx 8081, HAProxy 8082.
+# fulcrum adds no headers, as the anchors add none; FULCRUM_HEADERS=on keeps its defaults
+# (X-Forwarded-*, X-Request-Id), as in anchors.sh.
 start_proxy() {
     local c=$1 n
     mkdir -p "$OUT/$c"
@@ -72,6 +74,8 @@ start_proxy() {
             n=${c#fulcrum-t}
             sed "s|^# worker_threads is set.*|worker_threads = $n|" "$ROOT/loadtest/anchors.toml" \
                 > "$OUT/$c/fulcrum.toml"
+            [[ ${FULCRUM_HEADERS:-off} == on ]] &&
+                sed -i '/^forwarded_headers = false$/d; /^request_id = false$/d' "$OUT/$c/fulcrum.toml"
             start "$c" env RUST_LOG=warn "$FULCRUM" -c "$OUT/$c/fulcrum.toml"
             CASE_URL=http://127.0.0.1:8080/ ;;
         nginx-w*)

@@ -26,20 +26,13 @@ log "training"
 start_backends
 for headers in off on; do
     for threads in 1 2; do
-        mkdir -p "$OUT/train"
-        sed "s|^# worker_threads is set.*|worker_threads = $threads|" "$ROOT/loadtest/anchors.toml" \
-            > "$OUT/train/fulcrum.toml"
-        [[ $headers == on ]] && sed -i '/^forwarded_headers = false$/d; /^request_id = false$/d' \
-            "$OUT/train/fulcrum.toml"
-        start "train-$headers-$threads" env RUST_LOG=warn "$FULCRUM" -c "$OUT/train/fulcrum.toml"
-        CASE_PID=$LAST_PID
-        wait_http http://127.0.0.1:8080/
-        wrk -t2 -c64 -d"${TRAIN}s" http://127.0.0.1:8080/ | awk '/Requests\/sec/ {print "  wrk", $2, "req/s"}' >&2
+        FULCRUM_HEADERS=$headers start_proxy "fulcrum-t$threads"
+        wrk -t2 -c64 -d"${TRAIN}s" "$CASE_URL" | awk '/Requests\/sec/ {print "  wrk", $2, "req/s"}' >&2
         if command -v oha >/dev/null; then
-            oha -z "$((TRAIN / 2))s" -c 64 --no-tui --output-format quiet http://127.0.0.1:8080/ || true
+            oha -z "$((TRAIN / 2))s" -c 64 --no-tui --output-format quiet "$CASE_URL" || true
         fi
         if command -v h2load >/dev/null; then
-            h2load -n 20000 -c 4 -m 20 http://127.0.0.1:8080/ >/dev/null || true
+            h2load -n 20000 -c 4 -m 20 "$CASE_URL" >/dev/null || true
         fi
         # A clean exit writes the profile.
         stop_proxy
