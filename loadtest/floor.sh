@@ -18,6 +18,7 @@ start_backends
 BACKEND_PID=${PIDS[0]}
 
 machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+tick_us=$((1000000 / $(getconf CLK_TCK)))
 
 printf '%-24s %6s %9s %10s %10s %10s\n' case round req/s proxy_us backend_us machine_us
 for round in $(seq "$ROUNDS"); do
@@ -40,7 +41,6 @@ for round in $(seq "$ROUNDS"); do
         if grep -q -E 'Non-2xx|Socket errors' "$OUT/wrk.txt"; then
             echo "$c: errors:" >&2; grep -E 'Non-2xx|Socket errors' "$OUT/wrk.txt" >&2
         fi
-        tick_us=$((1000000 / $(getconf CLK_TCK)))
         awk -v c="$c" -v r="$round" -v rps="$rps" -v n="$n" -v t="$tick_us" \
             -v p=$((p1 - p0)) -v b=$((b1 - b0)) -v m=$((m1 - m0)) \
             'BEGIN { printf "%-24s %6d %9.0f %10.2f %10.2f %10.2f\n", c, r, rps, p*t/n, b*t/n, m*t/n }'
