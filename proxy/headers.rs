@@ -36,7 +36,8 @@ const INLINE_SPANS: usize = 16;
 /// that the `HeaderMap` built once the head is split off can share its bytes (fulcrum's
 /// server side and its h1 client both parse this way). The usual few sit on the stack; a
 /// head with more spills to the heap — zeroing room for the most a head may have (100 or
-/// 128) was a 3-4 KiB memset per head.
+/// 128) was a 3-4 KiB memset per head. A span left empty (`(0, 0, 0, 0)`; no header has an
+/// empty name) is a header the parser consumed and leaves out of the map.
 pub struct Spans {
     inline: [Span; INLINE_SPANS],
     spilled: Vec<Span>,
@@ -90,12 +91,46 @@ pub fn connection_has(headers: &HeaderMap, token: &[u8]) -> bool {
     })
 }
 
-/// May the connection carry another message after this one (RFC 9112 §9.3)? Never with
-/// `close`; otherwise HTTP/1.1 by default, HTTP/1.0 only with `keep-alive`. The same rule
-/// for a client's request and a backend's answer.
-pub fn keep_alive(headers: &HeaderMap, version: http::Version) -> bool {
-    !connection_has(headers, b"close")
-        && (version != http::Version::HTTP_10 || connection_has(headers, b"keep-alive"))
+/// The `close` and `keep-alive` tokens of a message's `Connection` headers, gathered in the
+/// pass over a parsed head that notes its header spans, so that neither fulcrum's server
+/// side nor its h1 client looks `Connection` up in the map afterwards.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+}
+
+impl ConnectionTokens {
+    /// One `Connection` header's value (comma-separated, case-insensitive tokens). Returns
+    /// whether it names nothing but `close` and `keep-alive`: such a header has said all it
+    /// has to say here and, being hop-by-hop, need not enter the message's map at all (one
+    /// that names other headers does, so that [`strip_hop_by_hop`] removes them too).
+    pub fn add(&mut self, value: &[u8]) -> bool {
+        let mut only_these = true;
+        for t in value.split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !t.is_empty() {
+                only_these = false;
+            }
+        }
+        only_these
+    }
+
+    /// Did a `close` token come?
+    pub fn close(self) -> bool {
+        self.close
+    }
+
+    /// May the connection carry another message after this one (RFC 9112 §9.3)? Never
+    /// with `close`; otherwise HTTP/1.1 by default, HTTP/1.0 only with `keep-alive`. The
+    /// same rule for a client's request and a backend's answer.
+    pub fn keep_alive(self, version: http::Version) -> bool {
+        !self.close && (version != http::Version::HTTP_10 || self.keep_alive)
+    }
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
@@ -106,6 +141,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut found = [false; 7];
     let mut any = false;
     for name in headers.keys() {
+        // Only names of these lengths can be one of them: most skip the seven comparisons.
+        if !matches!(name.as_str().len(), 2 | 7 | 10 | 16 | 17) {
+            continue;
+        }
         if let Some(i) = fixed.iter().position(|f| *f == name) {
             found[i] = true;
             any = true;
@@ -230,6 +269,20 @@ mod tests {
     }
 
     #[test]
+    fn connection_tokens_decide_keep_alive_and_whether_the_header_is_consumed() {
+        let mut t = ConnectionTokens::default();
+        assert!(t.add(b"keep-alive"));
+        assert!(t.keep_alive(http::Version::HTTP_10));
+        // a header that names another one stays in the map, to be stripped with it
+        assert!(!t.add(b"Keep-Alive, X-Trace"));
+        assert!(!ConnectionTokens::default().add(b"upgrade"));
+        assert!(t.add(b" CLOSE ,"));
+        assert!(!t.keep_alive(http::Version::HTTP_11));
+        assert!(ConnectionTokens::default().keep_alive(http::Version::HTTP_11));
+        assert!(!ConnectionTokens::default().keep_alive(http::Version::HTTP_10));
+    }
+
+    #[test]
     fn strips_hop_by_hop_and_connection_named() {
         let mut h = HeaderMap::new();
         h.insert("connection", "X-Secret, keep-alive".parse().unwrap());
@@ -237,6 +290,9 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
         h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("te", "gzip".parse().unwrap());
+        h.insert("trailer", "x-sum".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
         h.insert("x-kept", "yes".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");

@@ -370,6 +370,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let path = r.path.unwrap_or("");
     let path_range = (offset(path.as_bytes()), path.len());
     let mut length: Option<u64> = None;
+    let mut connection = crate::headers::ConnectionTokens::default();
     let count = r.headers.len();
     let mut spans = crate::headers::Spans::new(count);
     for (h, span) in r.headers.iter().zip(spans.as_mut_slice()) {
@@ -390,6 +391,9 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             || name.eq_ignore_ascii_case(b"expect")
         {
             return Parsed::Handover;
+        } else if name.eq_ignore_ascii_case(b"connection") && connection.add(h.value) {
+            // consumed here (keep-alive); left out of the map (an empty span)
+            continue;
         }
         *span = (offset(name), name.len(), offset(h.value), h.value.len());
     }
@@ -404,6 +408,9 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     };
     let mut map = HeaderMap::with_capacity(count);
     for &(no, nl, vo, vl) in spans.as_slice() {
+        if nl == 0 {
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };
@@ -414,7 +421,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         };
         map.append(name, value);
     }
-    let keep_alive = crate::headers::keep_alive(&map, version);
+    let keep_alive = connection.keep_alive(version);
     let mut req = Box::new(Request::new(RequestBody::Full(None)));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -452,7 +459,9 @@ async fn exchange(
     let mut resp: Box<Response<Body>> = service::handle(shared, info, req).await;
     let status = resp.status().as_u16();
     let no_body = head_only || status < 200 || status == 204 || status == 304;
-    let mut keep = keep_alive && !crate::headers::connection_has(resp.headers(), b"close");
+    // Whether the connection stays open: as the request asked, unless the answer's framing
+    // or its `Connection: close` (seen as the head is written) ends it.
+    let mut keep = keep_alive;
     enum Framing {
         Length(u64),
         Chunked,
@@ -475,15 +484,21 @@ async fn exchange(
     out.push(b' ');
     out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let mut has_connection = false;
+    let (mut has_connection, mut has_date) = (false, false);
     for (name, value) in resp.headers() {
         if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
             continue;
         }
-        has_connection |= name == header::CONNECTION;
+        if name == header::CONNECTION {
+            has_connection = true;
+            let mut tokens = crate::headers::ConnectionTokens::default();
+            tokens.add(value.as_bytes());
+            keep &= !tokens.close();
+        }
+        has_date |= name == header::DATE;
         crate::headers::write_field(&mut out, name, value);
     }
-    if !resp.headers().contains_key(header::DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         date::append(&mut out);
         out.extend_from_slice(b"\r\n");

@@ -262,7 +262,7 @@ async fn respond(
     ctx: &mut RequestCtx,
 ) -> Box<Response<Body>> {
     let grpc = crate::grpc::is_grpc(req.headers());
-    match proxy(shared, conn, req, ctx).await {
+    match proxy(shared, conn, req, grpc, ctx).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.side() {
@@ -292,6 +292,7 @@ async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
     mut req: Box<Request<RequestBody>>,
+    grpc: bool,
     ctx: &mut RequestCtx,
 ) -> Result<Box<Response<Body>>, ProxyError> {
     // An upgrade (WebSocket) keeps the client's connection to splice it after the 101.
@@ -419,13 +420,14 @@ async fn proxy(
     };
     parts.version = Version::HTTP_11;
     // gRPC's own deadline caps the backend timeout.
-    let timeout = crate::grpc::timeout(&parts.headers)
+    let timeout = grpc
+        .then(|| crate::grpc::timeout(&parts.headers))
+        .flatten()
         .map_or(pool.config.timeout, |t| t.min(pool.config.timeout));
 
     // Can this request be sent twice? Idempotent, and its body (if any) small enough to keep.
     // gRPC calls (POSTs) are retried only on the statuses the pool lists in `retry_on`.
-    let grpc_retry =
-        crate::grpc::is_grpc(&parts.headers) && !pool.config.retry.grpc_retry_on.is_empty();
+    let grpc_retry = grpc && !pool.config.retry.grpc_retry_on.is_empty();
     let retries = if idempotent(&parts.method) || grpc_retry {
         pool.config.retry.attempts
     } else {

@@ -474,7 +474,12 @@ fn parse_head(
         let base = buf.as_ptr() as usize;
         let count = parsed.headers.len();
         let mut spans = crate::headers::Spans::new(count);
+        let mut facts = HeadFacts::default();
         for (span, h) in spans.as_mut_slice().iter_mut().zip(parsed.headers.iter()) {
+            if facts.add(h.name.as_bytes(), h.value) {
+                // consumed here (keep-alive); left out of the map (an empty span)
+                continue;
+            }
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             *span = (name, h.name.len(), value, h.value.len());
@@ -482,14 +487,17 @@ fn parse_head(
         let head = buf.split_to(n).freeze();
         let mut headers = HeaderMap::with_capacity(count);
         for &(n_at, n_len, v_at, v_len) in spans.as_slice() {
+            if n_len == 0 {
+                continue;
+            }
             let name = HeaderName::from_bytes(&head[n_at..n_at + n_len])
                 .map_err(|_| Failure::Failed("bad response header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len))
                 .map_err(|_| Failure::Failed("bad response header value".into()))?;
             headers.append(name, value);
         }
-        let framing = framing(&headers, status, head_request)?;
-        let keep_alive = crate::headers::keep_alive(&headers, version);
+        let framing = framing(&facts, status, head_request)?;
+        let keep_alive = facts.connection.keep_alive(version);
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
@@ -498,40 +506,59 @@ fn parse_head(
     }
 }
 
+/// What a response head's framing and connection headers say, gathered in the one pass
+/// over its headers that notes their spans (no map lookups afterwards).
+#[derive(Default)]
+struct HeadFacts {
+    /// Whether the last coding of the last `Transfer-Encoding` is `chunked`.
+    chunked: Option<bool>,
+    length: Option<u64>,
+    bad_length: Option<&'static str>,
+    connection: crate::headers::ConnectionTokens,
+}
+
+impl HeadFacts {
+    /// Notes one header; true if it is a `Connection` header with nothing left to say (see
+    /// [`crate::headers::ConnectionTokens::add`]).
+    fn add(&mut self, name: &[u8], value: &[u8]) -> bool {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            match std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                None => self.bad_length = Some("bad content-length"),
+                Some(n) if self.length.is_some_and(|l| l != n) => {
+                    self.bad_length = Some("conflicting content-length values")
+                }
+                Some(n) => self.length = Some(n),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            return self.connection.add(value);
+        }
+        false
+    }
+}
+
 /// RFC 9112 §6.3: no body for HEAD, 204 and 304; chunked when it is the last coding; else the
 /// length; else until the connection closes.
-fn framing(
-    headers: &HeaderMap,
-    status: StatusCode,
-    head_request: bool,
-) -> Result<Framing, Failure> {
+fn framing(facts: &HeadFacts, status: StatusCode, head_request: bool) -> Result<Framing, Failure> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+    if let Some(chunked) = facts.chunked {
+        return Ok(if chunked {
             Framing::Chunked
         } else {
             Framing::Close
         });
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        let n = std::str::from_utf8(v.as_bytes())
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| Failure::Failed("bad content-length".into()))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(Failure::Failed("conflicting content-length values".into()));
-        }
-        length = Some(n);
+    if let Some(why) = facts.bad_length {
+        return Err(Failure::Failed(why.into()));
     }
-    Ok(match length {
+    Ok(match facts.length {
         Some(0) => Framing::Empty,
         Some(n) => Framing::Length(n),
         None => Framing::Close,
@@ -1053,17 +1080,15 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let h = |pairs: &[(&str, &str)]| {
-            let mut m = HeaderMap::new();
+            let mut facts = HeadFacts::default();
             for (k, v) in pairs {
-                m.append(
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                );
+                let consumed = facts.add(k.as_bytes(), v.as_bytes());
+                assert_eq!(consumed, k.eq_ignore_ascii_case("connection"));
             }
-            m
+            facts
         };
         let ok = StatusCode::OK;
-        let f = |m: &HeaderMap, s, head| framing(m, s, head).ok();
+        let f = |m: &HeadFacts, s, head| framing(m, s, head).ok();
         assert_eq!(
             f(&h(&[("content-length", "5")]), ok, true),
             Some(Framing::Empty)
@@ -1100,20 +1125,42 @@ mod tests {
             ),
             None
         );
-        let keep_alive = crate::headers::keep_alive;
-        assert!(keep_alive(&h(&[]), Version::HTTP_11));
+        let keep_alive = |pairs, v| h(pairs).connection.keep_alive(v);
+        assert!(keep_alive(&[], Version::HTTP_11));
+        assert!(!keep_alive(&[("connection", "Close")], Version::HTTP_11));
+        assert!(!keep_alive(&[], Version::HTTP_10));
+        assert!(keep_alive(
+            &[("connection", "keep-alive")],
+            Version::HTTP_10
+        ));
         assert!(!keep_alive(
-            &h(&[("connection", "Close")]),
+            &[("connection", "keep-alive, close")],
+            Version::HTTP_10
+        ));
+        assert!(!keep_alive(
+            &[("connection", "keep-alive"), ("connection", " close ")],
             Version::HTTP_11
         ));
-        assert!(!keep_alive(&h(&[]), Version::HTTP_10));
-        assert!(keep_alive(
-            &h(&[("connection", "keep-alive")]),
-            Version::HTTP_10
-        ));
-        assert!(!keep_alive(
-            &h(&[("connection", "keep-alive, close")]),
-            Version::HTTP_10
-        ));
+        // the last Transfer-Encoding decides; a bad length only counts without one
+        assert_eq!(
+            f(
+                &h(&[
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked")
+                ]),
+                ok,
+                false
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            f(
+                &h(&[("content-length", "x"), ("transfer-encoding", "chunked")]),
+                ok,
+                false
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(f(&h(&[("content-length", "x")]), ok, false), None);
     }
 }
