@@ -16,7 +16,8 @@ static GLOBAL: MiMalloc = MiMalloc;
 /// the 16 bytes every mimalloc block has. The `mimalloc` crate passes every request through
 /// `mi_malloc_aligned`, whose fast path ends at 1 KiB: each larger block (a request's
 /// buffer, its boxed future, a header map's entries: 2.4 a request) took the generic
-/// aligned path, 192 instructions where `mi_malloc` takes 40 (callgrind, loadtest/RESULTS.md).
+/// aligned path, 192 instructions where `mi_malloc` takes a few dozen (callgrind,
+/// loadtest/RESULTS.md).
 struct MiMalloc;
 
 /// What `mi_malloc` guarantees (MI_MAX_ALIGN_SIZE on 64-bit targets) for blocks of at least
@@ -29,6 +30,21 @@ fn plain(align: usize, size: usize) -> bool {
     align <= MI_MIN_ALIGN && align <= size
 }
 
+/// `mi_malloc` or `mi_zalloc` (`plain`), or their `_aligned` forms, as the layout needs.
+#[allow(unsafe_code)]
+#[inline]
+unsafe fn mi_alloc(
+    layout: std::alloc::Layout,
+    plain_alloc: unsafe extern "C" fn(usize) -> *mut std::ffi::c_void,
+    aligned_alloc: unsafe extern "C" fn(usize, usize) -> *mut std::ffi::c_void,
+) -> *mut u8 {
+    if plain(layout.align(), layout.size()) {
+        plain_alloc(layout.size()).cast()
+    } else {
+        aligned_alloc(layout.size(), layout.align()).cast()
+    }
+}
+
 #[allow(unsafe_code)]
 // SAFETY: every block comes from mimalloc with at least the layout's alignment (mi_malloc's
 // own 16 bytes, or mi_*_aligned above that) and goes back through `mi_free`, which takes
@@ -36,22 +52,20 @@ fn plain(align: usize, size: usize) -> bool {
 unsafe impl std::alloc::GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        if plain(layout.align(), layout.size()) {
-            mi::mi_malloc(layout.size()).cast()
-        } else {
-            mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-        }
+        mi_alloc(
+            layout,
+            libmimalloc_sys::mi_malloc,
+            libmimalloc_sys::mi_malloc_aligned,
+        )
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        use libmimalloc_sys as mi;
-        if plain(layout.align(), layout.size()) {
-            mi::mi_zalloc(layout.size()).cast()
-        } else {
-            mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-        }
+        mi_alloc(
+            layout,
+            libmimalloc_sys::mi_zalloc,
+            libmimalloc_sys::mi_zalloc_aligned,
+        )
     }
 
     #[inline]
