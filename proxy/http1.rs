@@ -288,6 +288,18 @@ async fn request(
     }
 }
 
+/// `write_all`, trying the write at once first: a socket that is writable (the usual case
+/// for a small message on a keep-alive connection) takes one `try_write`, without the
+/// `WriteAll` future, its poll and the scheduler's budget check around it.
+pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
+    match stream.try_write(buf) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(n) => stream.write_all(&buf[n..]).await,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(buf).await,
+        Err(e) => Err(e),
+    }
+}
+
 async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut, want: usize) -> bool {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(
@@ -526,7 +538,7 @@ async fn exchange(
     crate::workers::gather().await;
     if no_body {
         drop(resp);
-        return stream.write_all(&out).await.is_ok() && keep;
+        return write_now(stream, &out).await.is_ok() && keep;
     }
     let mut sent: u64 = 0;
     loop {
@@ -595,7 +607,7 @@ async fn exchange(
         }
         Framing::Close => true,
     };
-    if !out.is_empty() && stream.write_all(&out).await.is_err() {
+    if !out.is_empty() && write_now(stream, &out).await.is_err() {
         return false;
     }
     if !complete {

@@ -393,13 +393,13 @@ async fn talk(
     let wrote = match body {
         Some(b) if b.len() <= COALESCE => {
             wbuf.extend_from_slice(b);
-            stream.write_all(wbuf).await
+            crate::http1::write_now(stream, wbuf).await
         }
-        Some(b) => match stream.write_all(wbuf).await {
+        Some(b) => match crate::http1::write_now(stream, wbuf).await {
             Ok(()) => stream.write_all(b).await,
             Err(e) => Err(e),
         },
-        None => stream.write_all(wbuf).await,
+        None => crate::http1::write_now(stream, wbuf).await,
     };
     wrote.map_err(Failure::Stale)?;
     rbuf.clear();
