@@ -64,11 +64,15 @@ impl Spans {
         }
     }
 
-    pub fn as_slice(&self) -> &[Span] {
-        match self.len {
+    /// The spans of the headers that go into the map (the consumed ones left empty skipped).
+    pub fn kept(&self) -> impl Iterator<Item = Span> + '_ {
+        let all = match self.len {
             n if n <= INLINE_SPANS => &self.inline[..n],
-            _ => &self.spilled,
-        }
+            _ => &self.spilled[..],
+        };
+        all.iter()
+            .copied()
+            .filter(|&(_, name_len, _, _)| name_len != 0)
     }
 }
 
@@ -82,13 +86,17 @@ pub fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The comma-separated tokens of one `Connection` value, trimmed (empty ones included).
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// Does a `Connection` header carry `token` (case-insensitive, among comma-separated ones)?
 pub fn connection_has(headers: &HeaderMap, token: &[u8]) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(token)))
 }
 
 /// The `close` and `keep-alive` tokens of a message's `Connection` headers, gathered in the
@@ -107,8 +115,7 @@ impl ConnectionTokens {
     /// that names other headers does, so that [`strip_hop_by_hop`] removes them too).
     pub fn add(&mut self, value: &[u8]) -> bool {
         let mut only_these = true;
-        for t in value.split(|&b| b == b',') {
-            let t = t.trim_ascii();
+        for t in tokens(value) {
             if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if t.eq_ignore_ascii_case(b"keep-alive") {
@@ -159,8 +166,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .get_all(header::CONNECTION)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .flat_map(|v| tokens(v.as_bytes()))
+                .filter_map(|t| HeaderName::from_bytes(t).ok())
                 .collect();
             for name in named {
                 headers.remove(name);

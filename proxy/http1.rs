@@ -419,10 +419,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Err(_) => return Parsed::Refuse(BAD_REQUEST),
     };
     let mut map = HeaderMap::with_capacity(count);
-    for &(no, nl, vo, vl) in spans.as_slice() {
-        if nl == 0 {
-            continue;
-        }
+    for (no, nl, vo, vl) in spans.kept() {
         let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };
