@@ -137,17 +137,17 @@ pub async fn handle(
 ) -> Box<Response<Body>> {
     // Every request carries an id to the backend and back (generated when absent). With
     // ids off and no access log, nobody reads it: not even looked up.
-    let request_id = match conn.listener.request_id || shared.access_log.is_some() {
-        false => None,
-        true => match req.headers().get(&X_REQUEST_ID) {
-            Some(id) => Some(id.clone()),
-            None if conn.listener.request_id => {
-                let id = new_request_id();
-                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-                Some(id)
-            }
-            None => None,
-        },
+    let wanted = conn.listener.request_id || shared.access_log.is_some();
+    let request_id = if !wanted {
+        None
+    } else if let Some(id) = req.headers().get(&X_REQUEST_ID) {
+        Some(id.clone())
+    } else if conn.listener.request_id {
+        let id = new_request_id();
+        req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+        Some(id)
+    } else {
+        None
     };
     let log_fields = shared.access_log.as_ref().map(|log| {
         let h = req.headers();
