@@ -419,7 +419,10 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Err(_) => return Parsed::Refuse(BAD_REQUEST),
     };
     let mut map = HeaderMap::with_capacity(count);
-    for (no, nl, vo, vl) in spans.kept() {
+    for span @ &(no, nl, vo, vl) in spans.as_slice() {
+        if crate::headers::Spans::consumed(span) {
+            continue;
+        }
         let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };

@@ -486,7 +486,10 @@ fn parse_head(
         }
         let head = buf.split_to(n).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for (n_at, n_len, v_at, v_len) in spans.kept() {
+        for span @ &(n_at, n_len, v_at, v_len) in spans.as_slice() {
+            if crate::headers::Spans::consumed(span) {
+                continue;
+            }
             let name = HeaderName::from_bytes(&head[n_at..n_at + n_len])
                 .map_err(|_| Failure::Failed("bad response header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len))
