@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame};
 use hyper_util::server::graceful::Watcher;
@@ -423,7 +423,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         if crate::headers::Spans::consumed(span) {
             continue;
         }
-        let Ok(name) = HeaderName::from_bytes(&head[no..no + nl]) else {
+        let Ok(name) = crate::headers::name(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };
         // httparse has checked the value's bytes (no control characters but tab).

@@ -21,7 +21,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
@@ -490,7 +490,7 @@ fn parse_head(
             if crate::headers::Spans::consumed(span) {
                 continue;
             }
-            let name = HeaderName::from_bytes(&head[n_at..n_at + n_len])
+            let name = crate::headers::name(&head[n_at..n_at + n_len])
                 .map_err(|_| Failure::Failed("bad response header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v_at..v_at + v_len))
                 .map_err(|_| Failure::Failed("bad response header value".into()))?;
