@@ -119,11 +119,11 @@ pub(crate) fn serve(
         // The first request's head is due within the header timeout of the accept.
         let mut first = fresh.then(|| Instant::now() + info.listener.limits.header_timeout);
         let mut parkable = true;
-        // One timer for every wait between requests, moved on (`reset`) rather than made anew:
-        // a later deadline only updates the registered entry (tokio re-files it when the old
-        // one comes due), where a new timer per request took the wheel's lock twice and, when
-        // it was the earliest, woke the worker's event loop through its eventfd.
-        let mut timer = std::pin::pin!(tokio::time::sleep_until(Instant::now()));
+        // One timer for every wait between requests, armed lazily (`clock::arm`: a later
+        // deadline leaves it where it stands until it comes due) rather than made anew, where
+        // a new timer per request took the wheel's lock twice and, when it was the earliest,
+        // woke the worker's event loop through its eventfd.
+        let mut timer = std::pin::pin!(crate::clock::timer());
         loop {
             if buf.is_empty() {
                 // Idle: hold no buffer while waiting for the next request.
@@ -149,38 +149,54 @@ pub(crate) fn serve(
                 if shared.closing.is_set() {
                     return;
                 }
-                timer.as_mut().reset(park.unwrap_or(wait));
-                tokio::select! {
-                    biased;
-                    // Polled in place: no waiter is stored for it (`readable()` would add 152 bytes
-                    // to every idle connection).
-                    r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => if r.is_err() { return },
-                    _ = timer.as_mut() => {
-                        if park.is_none() {
-                            return;
-                        }
-                        let Ok(std) = stream.into_std() else { return };
-                        let conn = crate::park::Parked { stream: std, info, graceful, guards, due: wait };
-                        match shared.parking.park(&shared, conn) {
-                            Ok(()) => return,
-                            Err(conn) => {
-                                // Not parked (closing, or no poll): wait on this task.
-                                parkable = false;
-                                (info, graceful, guards) = (conn.info, conn.graceful, conn.guards);
-                                stream = match TcpStream::from_std(conn.stream) {
-                                    Ok(s) => s,
-                                    Err(_) => return,
-                                };
-                                continue;
+                let due = park.unwrap_or(wait);
+                crate::clock::arm(timer.as_mut(), due);
+                // Readable (`Ok(true)`), the wait's end come (`Ok(false)`), or a socket error.
+                let readable: Result<bool, ()> = loop {
+                    tokio::select! {
+                        biased;
+                        // Polled in place: no waiter is stored for it (`readable()` would add
+                        // 152 bytes to every idle connection).
+                        r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => break r.map(|_| true).map_err(|_| ()),
+                        _ = timer.as_mut() => {
+                            if !crate::clock::rearm(timer.as_mut(), due) {
+                                break Ok(false);
                             }
                         }
+                        _ = async {
+                            match closed.as_mut().as_pin_mut() {
+                                Some(n) => n.await,
+                                None => std::future::pending().await,
+                            }
+                        } => return,
                     }
-                    _ = async {
-                        match closed.as_mut().as_pin_mut() {
-                            Some(n) => n.await,
-                            None => std::future::pending().await,
+                };
+                if readable != Ok(true) {
+                    // A socket error, or the idle timeout: closed; the time to park: parked.
+                    if readable.is_err() || park.is_none() {
+                        return;
+                    }
+                    let Ok(std) = stream.into_std() else { return };
+                    let conn = crate::park::Parked {
+                        stream: std,
+                        info,
+                        graceful,
+                        guards,
+                        due: wait,
+                    };
+                    match shared.parking.park(&shared, conn) {
+                        Ok(()) => return,
+                        Err(conn) => {
+                            // Not parked (closing, or no poll): wait on this task.
+                            parkable = false;
+                            (info, graceful, guards) = (conn.info, conn.graceful, conn.guards);
+                            stream = match TcpStream::from_std(conn.stream) {
+                                Ok(s) => s,
+                                Err(_) => return,
+                            };
+                            continue;
                         }
-                    } => return,
+                    }
                 }
                 buf.reserve(INITIAL_BUFFER);
                 match try_read_drained(&stream, &mut buf) {

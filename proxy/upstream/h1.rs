@@ -48,9 +48,10 @@ pub struct Conn {
     stream: TcpStream,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
-    /// Each exchange moves it on to its own deadline (`reset`): later than the last one's, so
-    /// tokio only updates the registered entry, where a new timer per request took the
-    /// timer wheel's lock to insert it and again to remove it.
+    /// Armed for each exchange's deadline with [`crate::clock::arm`]: a later deadline than
+    /// the last one's (the usual case) leaves it where it stands, to be moved on if it ever
+    /// comes due first; a new timer per request took the timer wheel's lock to insert it and
+    /// again to remove it.
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -153,7 +154,7 @@ impl H1Pool {
                 i.conn.rbuf = BytesMut::new();
                 i.conn.wbuf = Vec::new();
                 // A fresh timer: the old one holds the waker of the last request's task.
-                i.conn.timer = Box::pin(tokio::time::sleep_until(tokio::time::Instant::now()));
+                i.conn.timer = Box::pin(crate::clock::timer());
             }
         }
     }
@@ -373,11 +374,19 @@ async fn exchange(
         wbuf,
         timer,
     } = conn;
-    timer.as_mut().reset(deadline);
-    tokio::select! {
-        biased;
-        r = talk(stream, rbuf, wbuf, body, head_request) => r,
-        () = timer.as_mut() => Err(Failure::Timeout),
+    crate::clock::arm(timer.as_mut(), deadline);
+    let talk = std::pin::pin!(talk(stream, rbuf, wbuf, body, head_request));
+    let mut talk = talk;
+    loop {
+        tokio::select! {
+            biased;
+            r = talk.as_mut() => return r,
+            () = timer.as_mut() => {
+                if !crate::clock::rearm(timer.as_mut(), deadline) {
+                    return Err(Failure::Timeout);
+                }
+            }
+        }
     }
 }
 
