@@ -86,10 +86,13 @@ const CACHED_NAME: usize = 32;
 /// How many names each thread remembers (a power of two).
 const NAME_SLOTS: usize = 64;
 
+/// One remembered name: its raw bytes (zero-padded), their length, the name they parse to.
+type NameSlot = ([u8; CACHED_NAME], u8, Option<HeaderName>);
+
 thread_local! {
     /// Header names as they last arrived, raw bytes and parsed name, one per slot: a client
     /// or backend sends the same few names, spelled the same way, in every message.
-    static NAMES: std::cell::RefCell<[([u8; CACHED_NAME], u8, Option<HeaderName>); NAME_SLOTS]> =
+    static NAMES: std::cell::RefCell<[NameSlot; NAME_SLOTS]> =
         const { std::cell::RefCell::new([const { ([0; CACHED_NAME], 0, None) }; NAME_SLOTS]) };
 }
 
