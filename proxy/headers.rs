@@ -125,6 +125,26 @@ pub fn name(raw: &[u8]) -> Result<HeaderName, header::InvalidHeaderName> {
     })
 }
 
+/// A `Content-Length` value (RFC 9110 §8.6: `1*DIGIT`, optional whitespace around it), or
+/// `None` if it is not one. Stricter than `str::parse` (which takes a leading `+`) and
+/// without its UTF-8 check and Unicode trimming: ~200 instructions a response less.
+/// Lengths of 20 digits or more (past 10^19 bytes) are refused rather than checked for
+/// overflow digit by digit.
+pub fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in digits {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(b - b'0');
+    }
+    Some(n)
+}
+
 /// `kept[..raw.len()] == raw` for 1 to [`CACHED_NAME`] bytes, in a few word compares
 /// (overlapping when the length is not a multiple) rather than a call to `memcmp`.
 #[inline]
@@ -336,6 +356,29 @@ fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        for (v, want) in [
+            (&b"0"[..], Some(0)),
+            (b"13", Some(13)),
+            (b" 42\t", Some(42)),
+            (b"0001", Some(1)),
+            (b"9999999999999999999", Some(9_999_999_999_999_999_999)),
+            (b"99999999999999999999", None),
+            (b"18446744073709551616", None),
+            (b"", None),
+            (b"  ", None),
+            (b"+5", None),
+            (b"-5", None),
+            (b"5 5", None),
+            (b"0x10", None),
+            (b"1,1", None),
+            (b"\xd9\xa3", None),
+        ] {
+            assert_eq!(content_length(v), want, "{:?}", String::from_utf8_lossy(v));
+        }
+    }
 
     #[test]
     fn remembered_names_answer_as_from_bytes_does() {

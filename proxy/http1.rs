@@ -404,10 +404,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     for (h, span) in r.headers.iter().zip(spans.as_mut_slice()) {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let Some(n) = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            else {
+            let Some(n) = crate::headers::content_length(h.value) else {
                 return Parsed::Refuse(BAD_REQUEST);
             };
             if length.is_some_and(|l| l != n) {

@@ -531,10 +531,7 @@ impl HeadFacts {
     /// [`crate::headers::ConnectionTokens::add`]).
     fn add(&mut self, name: &[u8], value: &[u8]) -> bool {
         if name.eq_ignore_ascii_case(b"content-length") {
-            match std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-            {
+            match crate::headers::content_length(value) {
                 None => self.bad_length = Some("bad content-length"),
                 Some(n) if self.length.is_some_and(|l| l != n) => {
                     self.bad_length = Some("conflicting content-length values")
