@@ -187,6 +187,7 @@ impl RouteMetrics {
 /// A backend's latency over a sliding window (the last 10 to 20 seconds): two HDR
 /// histograms, the current one and the one before, rotated every `WINDOW`.
 pub struct LatencyWindow {
+    /// The current histogram, the one before, and when the current one's window ends.
     inner: Mutex<(Hdr<u64>, Hdr<u64>, Instant)>,
 }
 
@@ -196,7 +197,7 @@ impl Default for LatencyWindow {
     fn default() -> Self {
         let h = || Hdr::new_with_bounds(1, 60_000_000, 2).expect("constant bounds are valid");
         LatencyWindow {
-            inner: Mutex::new((h(), h(), Instant::now())),
+            inner: Mutex::new((h(), h(), Instant::now() + WINDOW)),
         }
     }
 }
@@ -224,11 +225,12 @@ impl LatencyWindow {
         let Ok(mut g) = self.inner.try_lock() else {
             return;
         };
-        let (cur, prev, since) = &mut *g;
-        if now.saturating_duration_since(*since) >= WINDOW {
+        // The window's end is kept, not its start: a comparison per sample, not a subtraction.
+        let (cur, prev, until) = &mut *g;
+        if now >= *until {
             std::mem::swap(cur, prev);
             cur.reset();
-            *since = now;
+            *until = now + WINDOW;
         }
         let _ = cur.record((latency.as_micros() as u64).clamp(1, 60_000_000));
     }

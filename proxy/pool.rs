@@ -422,7 +422,11 @@ impl Pool {
     ) -> Option<&Arc<Backend>> {
         let backends = &self.backends;
         let panic = self.in_panic();
-        let now = now_ms();
+        // The clock is read only if a breaker met is not closed: a closed one admits without
+        // it (`breaker::step`), and a read is a vDSO call (~40 ns here).
+        let clock = std::cell::OnceCell::new();
+        let now = || *clock.get_or_init(now_ms);
+        let closed = |b: &Breaker| b.state() == breaker::BreakerState::Closed;
         let cb = &self.config.circuit_breaker;
         let mut refused = [BackendId(0); 4];
         for n_refused in 0..refused.len() {
@@ -431,7 +435,7 @@ impl Pool {
                 let s = &b.state;
                 (panic || s.health.is_healthy())
                     && !s.draining.load(Ordering::Relaxed)
-                    && s.breaker.would_allow(now, cb)
+                    && (closed(&s.breaker) || s.breaker.would_allow(now(), cb))
                     && !exclude.contains(&b.id)
                     && !refused[..n_refused].contains(&b.id)
             };
@@ -440,7 +444,11 @@ impl Pool {
                 eligible: &eligible,
             };
             let b = &backends[select(&ctx)?];
-            let (allowed, t) = b.state.breaker.apply(breaker::Event::Acquire, now, cb);
+            let (allowed, t) = if closed(&b.state.breaker) {
+                (true, None)
+            } else {
+                b.state.breaker.apply(breaker::Event::Acquire, now(), cb)
+            };
             if let Some(t) = t {
                 log_breaker(&self.name, b, t);
             }
