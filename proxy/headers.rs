@@ -241,8 +241,9 @@ impl ConnectionTokens {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 /// Most messages carry none or only `Connection`, so one pass over the names (compared as
-/// known-header tags, no hashing) decides whether there is anything to do.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// known-header tags, no hashing) decides whether there is anything to do. Returns whether
+/// `Connection` named headers that were removed (any header, `Host` included, may be named).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     let fixed = fixed_hop_by_hop();
     let mut found = [false; 7];
     let mut any = false;
@@ -257,8 +258,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if !any {
-        return;
+        return false;
     }
+    let mut named_removed = false;
     if let (true, Some(conn)) = (found[0], headers.get(header::CONNECTION)) {
         if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" {
             let named: Vec<HeaderName> = headers
@@ -269,7 +271,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .filter_map(|t| HeaderName::from_bytes(t).ok())
                 .collect();
             for name in named {
-                headers.remove(name);
+                named_removed |= headers.remove(name).is_some();
             }
         }
     }
@@ -286,6 +288,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+    named_removed
 }
 
 /// Sets the `X-Forwarded-*` headers: appends the client to `X-Forwarded-For`, and says which

@@ -304,7 +304,9 @@ async fn proxy(
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut *req));
     let (mut parts, body) = (*req).into_parts();
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
-    let host: Option<HeaderValue> = match parts.headers.get(header::HOST) {
+    let host_header = parts.headers.get(header::HOST);
+    let host_in_headers = host_header.is_some();
+    let host: Option<HeaderValue> = match host_header {
         Some(h) => Some(h.clone()),
         None => parts
             .uri
@@ -397,7 +399,7 @@ async fn proxy(
         }
     }
 
-    headers::strip_hop_by_hop(&mut parts.headers);
+    let named_removed = headers::strip_hop_by_hop(&mut parts.headers);
     if conn.listener.forwarded {
         headers::add_forwarded(
             &mut parts.headers,
@@ -406,8 +408,12 @@ async fn proxy(
             host.as_ref(),
         );
     }
-    if let (false, Some(h)) = (parts.headers.contains_key(header::HOST), &host) {
-        parts.headers.insert(header::HOST, h.clone());
+    // The backend gets a Host: the :authority of an HTTP/2 request, or the client's Host
+    // again if its `Connection` named it (looked up only then).
+    if let Some(h) = &host {
+        if !host_in_headers || (named_removed && !parts.headers.contains_key(header::HOST)) {
+            parts.headers.insert(header::HOST, h.clone());
+        }
     }
     // An allowed upgrade is the one hop-by-hop exchange passed on, as asked.
     let client_upgrade = match (upgrade_allowed, client_upgrade, &upgrade) {

@@ -42,6 +42,28 @@ async fn forwards_with_x_forwarded_headers_and_without_hop_by_hop() {
 }
 
 #[tokio::test]
+async fn a_host_named_by_connection_still_reaches_the_backend() {
+    // `Connection` may name any header, Host included: it is removed as hop-by-hop like the
+    // others, and the backend still gets the host the client asked for.
+    let b = backend("a").spawn().await;
+    let p = proxy(&one_pool("round_robin", &[(b.addr, 1)], "")).await;
+    let (status, _, body) = get(
+        &p.url,
+        &[
+            ("host", "shop.example.com"),
+            ("connection", "host, x-secret"),
+            ("x-secret", "must not pass"),
+        ],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "a"));
+    let seen = b.last_headers();
+    assert_eq!(seen["host"], "shop.example.com", "{seen:?}");
+    assert_eq!(seen.get_all("host").iter().count(), 1, "{seen:?}");
+    assert!(seen.get("x-secret").is_none(), "{seen:?}");
+}
+
+#[tokio::test]
 async fn a_listener_can_leave_out_the_forwarded_headers_and_the_request_id() {
     let b = backend("a").spawn().await;
     let config = on_listener(
