@@ -65,7 +65,7 @@ start_backends() {
 # start_proxy CASE: fulcrum-tN, haproxy-tN or nginx-wN in front of those backends; sets
 # CASE_URL and CASE_PID. Ports: fulcrum 8080 (admin 9099), nginx 8081, HAProxy 8082.
 # fulcrum adds no headers, as the anchors add none; FULCRUM_HEADERS=on keeps its defaults
-# (X-Forwarded-*, X-Request-Id), as in anchors.sh.
+# (X-Forwarded-*, X-Request-Id), as in anchors.sh; FULCRUM_SERVER adds lines to its [server].
 start_proxy() {
     local c=$1 n
     mkdir -p "$OUT/$c"
@@ -76,6 +76,9 @@ start_proxy() {
                 > "$OUT/$c/fulcrum.toml"
             [[ ${FULCRUM_HEADERS:-off} == on ]] &&
                 sed -i '/^forwarded_headers = false$/d; /^request_id = false$/d' "$OUT/$c/fulcrum.toml"
+            # FULCRUM_SERVER: extra [server] lines, e.g. "batch_sends = false" for comparisons.
+            [[ -n ${FULCRUM_SERVER:-} ]] &&
+                sed -i "s|^\[server\]\$|[server]\n${FULCRUM_SERVER}|" "$OUT/$c/fulcrum.toml"
             start "$c" env RUST_LOG=warn "$FULCRUM" -c "$OUT/$c/fulcrum.toml"
             CASE_URL=http://127.0.0.1:8080/ ;;
         nginx-w*)

@@ -308,6 +308,14 @@ async fn request(
 /// for a small message on a keep-alive connection) takes one `try_write`, without the
 /// `WriteAll` future, its poll and the scheduler's budget check around it.
 pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
+    if let Some(send) = crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
+        return match send.await {
+            Ok(n) if n == buf.len() => Ok(()),
+            Ok(n) => stream.write_all(&buf[n..]).await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(buf).await,
+            Err(e) => Err(e),
+        };
+    }
     match stream.try_write(buf) {
         Ok(n) if n == buf.len() => Ok(()),
         Ok(n) => stream.write_all(&buf[n..]).await,

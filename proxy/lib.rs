@@ -29,6 +29,7 @@ pub mod proxy_protocol;
 pub mod ratelimit;
 pub mod reload;
 pub mod route;
+pub mod sendbatch;
 pub mod server;
 pub mod service;
 pub mod snapshot;

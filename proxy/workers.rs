@@ -51,7 +51,8 @@ impl Drop for Busy {
 /// preemptions of this thread by the peers it wakes. HAProxy gets the same shape from
 /// reading every ready socket before it runs its streams. A lone request writes at once.
 pub async fn gather() {
-    if BUSY.with(|b| b.get()) > 1 {
+    // Batched sends (`sendbatch`) go out at the end of the turn anyway.
+    if BUSY.with(|b| b.get()) > 1 && !crate::sendbatch::active() {
         if SLOT.with(|s| s.get()) == 0 {
             return tokio::task::yield_now().await;
         }
@@ -104,8 +105,9 @@ impl Drop for Assigned {
 }
 
 /// Starts `n` worker threads, once per process, before the server starts (upstream pools
-/// size their per-worker slots from it). Later calls return the first set.
-pub fn start(n: usize) -> std::io::Result<&'static Workers> {
+/// size their per-worker slots from it), each batching its sends if `batch_sends`
+/// (`sendbatch`). Later calls return the first set.
+pub fn start(n: usize, batch_sends: bool) -> std::io::Result<&'static Workers> {
     if let Some(w) = WORKERS.get() {
         return Ok(w);
     }
@@ -131,8 +133,15 @@ pub fn start(n: usize) -> std::io::Result<&'static Workers> {
                 };
                 let _ = tx.send(Ok(rt.handle().clone()));
                 // Serves until the process exits (the main thread decides when: after the
-                // drain, exiting ends these threads with it).
-                rt.block_on(std::future::pending::<()>());
+                // drain, exiting ends these threads with it). The future `block_on` polls is
+                // this thread's send flusher: the scheduler polls it only between rounds of
+                // tasks, when those it ran have queued their sends (`sendbatch`).
+                rt.block_on(async {
+                    if batch_sends && crate::sendbatch::init() {
+                        crate::sendbatch::flusher().await;
+                    }
+                    std::future::pending::<()>().await
+                });
             })?;
         handles.push(rx.recv().map_err(std::io::Error::other)??);
     }

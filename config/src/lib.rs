@@ -68,6 +68,10 @@ pub struct ServerConfig {
     pub idle_park_after: Duration,
     pub max_request_header_bytes: usize,
     pub max_requests_per_connection: Option<u64>,
+    /// Per-core workers send the small writes of an event-loop turn (answers, requests to
+    /// backends) in one io_uring submission instead of one `sendto` each, where the kernel
+    /// allows io_uring (otherwise, and when off, one by one). Read at start.
+    pub batch_sends: bool,
     pub watch_config: bool,
     pub resolve_interval: Duration,
     pub websocket_idle_timeout: Duration,
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             idle_park_after: Duration::from_secs(1),
             max_request_header_bytes: 32 * 1024,
             max_requests_per_connection: None,
+            batch_sends: true,
             watch_config: false,
             resolve_interval: Duration::from_secs(5),
             websocket_idle_timeout: Duration::from_secs(3600),

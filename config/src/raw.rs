@@ -42,6 +42,7 @@ pub struct RawServer {
     pub idle_park_after: Option<S<String>>,
     pub max_request_header_bytes: Option<S<i64>>,
     pub max_requests_per_connection: Option<S<i64>>,
+    pub batch_sends: Option<bool>,
     pub watch_config: Option<bool>,
     pub resolve_interval: Option<S<String>>,
     pub websocket_idle_timeout: Option<S<String>>,

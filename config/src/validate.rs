@@ -301,6 +301,7 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
                 i64::MAX,
             )
             .map(|n| n as u64),
+        batch_sends: s.batch_sends.unwrap_or(d.batch_sends),
         watch_config: s.watch_config.unwrap_or(d.watch_config),
         resolve_interval: v.duration(&s.resolve_interval, "resolve_interval", d.resolve_interval),
         upgrade_socket: s.upgrade_socket.as_ref().map(|p| p.get_ref().clone()),
