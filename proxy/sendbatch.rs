@@ -34,6 +34,8 @@ use slab::Slab;
 
 /// Submission-queue size: the most sends one `io_uring_enter` carries.
 const RING: u32 = 256;
+/// Writes larger than this are not batched (copying them would cost more than a syscall).
+const MAX_SEND: usize = 64 * 1024;
 
 /// One queued send.
 struct Entry {
@@ -121,8 +123,11 @@ pub async fn flusher() {
 
 /// Sends `buf` on `fd` with the rest of this turn's sends: how many bytes went (possibly
 /// fewer than `buf.len()`, or `WouldBlock` if the socket had no room). `None` when this
-/// thread does not batch (see [`init`]).
+/// thread does not batch (see [`init`]) or `buf` is larger than [`MAX_SEND`].
 pub fn send(fd: RawFd, buf: &[u8]) -> Option<Send> {
+    if buf.len() > MAX_SEND {
+        return None;
+    }
     BATCH.with(|b| {
         let mut b = b.borrow_mut();
         let batch = b.as_mut().filter(|b| !b.broken)?;
@@ -306,17 +311,20 @@ mod tests {
         if !setup() {
             return;
         }
+        let mut pairs = Vec::new();
+        for _ in 0..8 {
+            pairs.push(pair().await);
+        }
+        let before = submissions();
         let mut writers = Vec::new();
         let mut readers = Vec::new();
-        for i in 0..8u8 {
-            let (mut a, b) = pair().await;
+        for (i, (mut a, b)) in (0..8u8).zip(pairs) {
             readers.push(b);
             let msg = vec![b'a' + i; 100 + i as usize];
             writers.push(tokio::spawn(async move {
                 crate::http1::write_now(&mut a, &msg).await.map(|()| a)
             }));
         }
-        let before = submissions();
         let mut kept = Vec::new();
         for w in writers {
             kept.push(w.await.unwrap().unwrap());
@@ -350,16 +358,40 @@ mod tests {
         if !setup() {
             return;
         }
-        // Far more than the socket buffers hold: the batched send goes out short (or finds
-        // no room), and the writer waits for the reader for the rest.
+        // The socket is filled first (the reader reads nothing yet); a batched send then
+        // finds no room (or room for part) and the writer waits for the reader for the rest,
+        // which arrives after what filled the socket, whole and in order.
         let (mut a, mut b) = pair().await;
-        let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-        let want = big.clone();
-        let writer = tokio::spawn(async move { crate::http1::write_now(&mut a, &big).await });
+        let mut filler = Vec::new();
+        let chunk = [0xA5u8; 64 * 1024];
+        loop {
+            match a.try_write(&chunk) {
+                Ok(n) => filler.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let msg: Vec<u8> = (0..60 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let want = msg.clone();
+        let before = submissions();
+        let writer = tokio::spawn(async move { crate::http1::write_now(&mut a, &msg).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let mut got = vec![0u8; want.len()];
+        assert_eq!(submissions() - before, 1, "the send went through the batch");
+        assert!(!writer.is_finished(), "the writer waits for room");
+        let mut got = vec![0u8; filler.len() + want.len()];
         b.read_exact(&mut got).await.unwrap();
         writer.await.unwrap().unwrap();
-        assert!(got == want, "bytes differ");
+        assert!(got[..filler.len()] == filler[..], "filler differs");
+        assert!(got[filler.len()..] == want[..], "message differs");
+    }
+
+    #[tokio::test]
+    async fn large_writes_are_not_batched() {
+        if !setup() {
+            return;
+        }
+        let (a, _b) = pair().await;
+        assert!(send(a.as_raw_fd(), &vec![0u8; MAX_SEND + 1]).is_none());
+        assert!(send(a.as_raw_fd(), &vec![0u8; MAX_SEND]).is_some());
     }
 }
