@@ -151,16 +151,17 @@ pub(crate) fn serve(
                 }
                 let due = park.unwrap_or(wait);
                 crate::clock::arm(timer.as_mut(), due);
-                // Readable (`Ok(true)`), the wait's end come (`Ok(false)`), or a socket error.
-                let readable: Result<bool, ()> = loop {
+                let woke = loop {
                     tokio::select! {
                         biased;
                         // Polled in place: no waiter is stored for it (`readable()` would add
                         // 152 bytes to every idle connection).
-                        r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => break r.map(|_| true).map_err(|_| ()),
+                        r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                            break if r.is_ok() { Woke::Readable } else { Woke::Failed };
+                        }
                         _ = timer.as_mut() => {
                             if !crate::clock::rearm(timer.as_mut(), due) {
-                                break Ok(false);
+                                break Woke::Due;
                             }
                         }
                         _ = async {
@@ -171,9 +172,9 @@ pub(crate) fn serve(
                         } => return,
                     }
                 };
-                if readable != Ok(true) {
+                if woke != Woke::Readable {
                     // A socket error, or the idle timeout: closed; the time to park: parked.
-                    if readable.is_err() || park.is_none() {
+                    if woke == Woke::Failed || park.is_none() {
                         return;
                     }
                     let Ok(std) = stream.into_std() else { return };
@@ -228,6 +229,16 @@ pub(crate) fn serve(
             }
         }
     }
+}
+
+/// How a wait between requests ended.
+#[derive(PartialEq, Eq)]
+enum Woke {
+    Readable,
+    /// Its deadline came: the time to park, or the idle timeout.
+    Due,
+    /// The socket failed.
+    Failed,
 }
 
 /// What the connection does after a request.
@@ -304,9 +315,12 @@ async fn request(
     }
 }
 
-/// `write_all`, trying the write at once first: a socket that is writable (the usual case
-/// for a small message on a keep-alive connection) takes one `try_write`, without the
-/// `WriteAll` future, its poll and the scheduler's budget check around it.
+/// `write_all` for a small message (an answer, a request to a backend). On a worker that
+/// batches its sends, the message goes out with the rest of the turn's in one io_uring
+/// submission (`crate::sendbatch`); elsewhere a socket that is writable (the usual case on a
+/// keep-alive connection) takes one `try_write`, without the `WriteAll` future, its poll and
+/// the scheduler's budget check around it. Either way the rest of a short write, or all of
+/// it when the socket had no room, goes through `write_all`.
 pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
     if let Some(send) = crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
         return match send.await {

@@ -49,9 +49,10 @@ impl Drop for Busy {
 /// waking, handling one message and going back to sleep for each: fewer wake-ups (each one
 /// costs the writer the scheduler's work, measured as the top kernel frame) and fewer
 /// preemptions of this thread by the peers it wakes. HAProxy gets the same shape from
-/// reading every ready socket before it runs its streams. A lone request writes at once.
+/// reading every ready socket before it runs its streams. A lone request writes at once, and
+/// so does every request on a worker that batches its sends (`crate::sendbatch`), whose
+/// batch goes out at the end of the turn anyway, in one submission.
 pub async fn gather() {
-    // Batched sends (`sendbatch`) go out at the end of the turn anyway.
     if BUSY.with(|b| b.get()) > 1 && !crate::sendbatch::active() {
         if SLOT.with(|s| s.get()) == 0 {
             return tokio::task::yield_now().await;

@@ -375,8 +375,7 @@ async fn exchange(
         timer,
     } = conn;
     crate::clock::arm(timer.as_mut(), deadline);
-    let talk = std::pin::pin!(talk(stream, rbuf, wbuf, body, head_request));
-    let mut talk = talk;
+    let mut talk = std::pin::pin!(talk(stream, rbuf, wbuf, body, head_request));
     loop {
         tokio::select! {
             biased;
