@@ -233,3 +233,31 @@ async fn per_core_workers_park_and_resume_idle_connections() {
         );
     }
 }
+
+/// The binary's per-core workers send a turn's answers and backend requests in one io_uring
+/// submission (`batch_sends`, on by default; one `sendto` each where the kernel refuses
+/// io_uring, or with it off): with many clients at once, every answer still reaches its own
+/// client whole, and every request its backend, both ways.
+#[tokio::test]
+async fn per_core_workers_answer_every_client_with_sends_batched_or_not() {
+    for batch in [true, false] {
+        let b = backend("a").spawn().await;
+        let cfg = binary_config(
+            |_| format!("worker_threads = 2\nbatch_sends = {batch}"),
+            b.addr,
+        );
+        let mut child = run_binary(&[], &cfg.path);
+        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
+        let url = format!("http://127.0.0.1:{}/", cfg.port);
+        let bodies = load(&url, 32, 2000).await;
+        assert_eq!(bodies.len(), 2000, "batch_sends = {batch}");
+        assert!(
+            bodies.iter().all(|body| body == "a"),
+            "batch_sends = {batch}"
+        );
+        assert_eq!(b.hits(), 2000, "batch_sends = {batch}");
+        sigterm(&child);
+        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+        assert_eq!(status.code(), Some(0));
+    }
+}
