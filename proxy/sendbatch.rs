@@ -206,7 +206,8 @@ impl Batch {
         let mut start = 0;
         while start < self.queued.len() {
             let end = self.queued.len().min(start + RING as usize);
-            let n = end - start;
+            // How many went into the submission queue (all of them: see below).
+            let mut n = 0;
             {
                 let mut sq = self.ring.submission();
                 for &key in &self.queued[start..end] {
@@ -225,9 +226,15 @@ impl Batch {
                     // complete each send within the submission.
                     #[allow(unsafe_code)]
                     let pushed = unsafe { sq.push(&sqe) };
-                    if pushed.is_err() {
-                        // Cannot happen: at most `RING` entries, and the queue is drained.
-                        break;
+                    if pushed.is_ok() {
+                        n += 1;
+                    } else if let Some(entry) = self.entries.get_mut(key) {
+                        // Cannot happen (at most `RING` entries, and each chunk's are reaped
+                        // before the next is pushed); if it did, this send fails rather than
+                        // leaving its writer, or the wait below, waiting for a completion.
+                        entry.result =
+                            Some(Err(io::Error::other("io_uring submission queue full")));
+                        entry.waker.wake_by_ref();
                     }
                 }
             }
