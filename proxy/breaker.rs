@@ -172,6 +172,13 @@ impl Breaker {
         self.word().state
     }
 
+    /// Is it closed? A closed breaker lets every request through, whatever the time (`step`:
+    /// `(Closed, Acquire)` takes no permit and needs no clock), so a caller may skip reading
+    /// the clock for [`Breaker::would_allow`] and [`Breaker::apply`] then.
+    pub fn is_closed(&self) -> bool {
+        self.state() == BreakerState::Closed
+    }
+
     /// Would a request be let through now? (No permit taken: for filtering candidates.)
     pub fn would_allow(&self, now_ms: u64, cfg: &CircuitBreakerConfig) -> bool {
         !cfg.enabled || step(self.word(), Event::Acquire, now_ms, cfg).1

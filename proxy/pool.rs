@@ -422,11 +422,10 @@ impl Pool {
     ) -> Option<&Arc<Backend>> {
         let backends = &self.backends;
         let panic = self.in_panic();
-        // The clock is read only if a breaker met is not closed: a closed one admits without
-        // it (`breaker::step`), and a read is a vDSO call (~40 ns here).
+        // The clock is read only if a breaker met is not closed (`Breaker::is_closed`): a read
+        // is a vDSO call (~40 ns here).
         let clock = std::cell::OnceCell::new();
         let now = || *clock.get_or_init(now_ms);
-        let closed = |b: &Breaker| b.state() == breaker::BreakerState::Closed;
         let cb = &self.config.circuit_breaker;
         let mut refused = [BackendId(0); 4];
         for n_refused in 0..refused.len() {
@@ -435,7 +434,7 @@ impl Pool {
                 let s = &b.state;
                 (panic || s.health.is_healthy())
                     && !s.draining.load(Ordering::Relaxed)
-                    && (closed(&s.breaker) || s.breaker.would_allow(now(), cb))
+                    && (s.breaker.is_closed() || s.breaker.would_allow(now(), cb))
                     && !exclude.contains(&b.id)
                     && !refused[..n_refused].contains(&b.id)
             };
@@ -444,7 +443,7 @@ impl Pool {
                 eligible: &eligible,
             };
             let b = &backends[select(&ctx)?];
-            let (allowed, t) = if closed(&b.state.breaker) {
+            let (allowed, t) = if b.state.breaker.is_closed() {
                 (true, None)
             } else {
                 b.state.breaker.apply(breaker::Event::Acquire, now(), cb)
