@@ -322,15 +322,11 @@ async fn request(
 /// the scheduler's budget check around it. Either way the rest of a short write, or all of
 /// it when the socket had no room, goes through `write_all`.
 pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    if let Some(send) = crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
-        return match send.await {
-            Ok(n) if n == buf.len() => Ok(()),
-            Ok(n) => stream.write_all(&buf[n..]).await,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(buf).await,
-            Err(e) => Err(e),
-        };
-    }
-    match stream.try_write(buf) {
+    let first = match crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
+        Some(send) => send.await,
+        None => stream.try_write(buf),
+    };
+    match first {
         Ok(n) if n == buf.len() => Ok(()),
         Ok(n) => stream.write_all(&buf[n..]).await,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(buf).await,
