@@ -228,7 +228,7 @@ fn run(config: Config, path: Option<&Path>, mode: Mode) -> ExitCode {
     });
     let rt = match config.server.threading {
         // The data plane on its own threads; this thread runs the control plane.
-        Threading::PerCore => match fulcrum::workers::start(threads, config.server.batch_sends) {
+        Threading::PerCore => match fulcrum::workers::start(threads, &config.server) {
             Ok(_) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build(),

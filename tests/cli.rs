@@ -261,3 +261,63 @@ async fn per_core_workers_answer_every_client_with_sends_batched_or_not() {
         assert_eq!(status.code(), Some(0));
     }
 }
+
+/// The CPUs in a `/proc/.../status` `Cpus_allowed_list` line ("0-3,6").
+fn cpu_list(status: &str) -> Vec<usize> {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("no Cpus_allowed_list");
+    let mut cpus = Vec::new();
+    for part in line.trim().split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cpus.push(part.parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// The CPUs each of `pid`'s per-core worker threads may run on, in worker order.
+fn worker_cpus(pid: u32) -> Vec<Vec<usize>> {
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        // The kernel keeps 15 bytes of a thread's name: "fulcrum-worker-".
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.starts_with("fulcrum-worke") {
+            let tid: u32 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            workers.push((tid, cpu_list(&status)));
+        }
+    }
+    // Workers are spawned in order, so their thread ids rise with their index.
+    workers.sort();
+    workers.into_iter().map(|(_, cpus)| cpus).collect()
+}
+
+/// `pin_workers` (on by default): worker `i` runs only on the `i`-th CPU the process may
+/// use; off, or with more workers than CPUs, every worker may run anywhere the process may.
+#[tokio::test]
+async fn per_core_workers_are_pinned_to_their_cpus_unless_off_or_too_many() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = cpu_list(&status);
+    let too_many = allowed.len() + 1;
+    let cases = [
+        (String::new(), 1, vec![vec![allowed[0]]]),
+        ("pin_workers = false".to_string(), 1, vec![allowed.clone()]),
+        (String::new(), too_many, vec![allowed.clone(); too_many]),
+    ];
+    for (line, threads, expected) in cases {
+        let b = backend("a").spawn().await;
+        let cfg = binary_config(|_| format!("worker_threads = {threads}\n{line}"), b.addr);
+        let mut child = run_binary(&[], &cfg.path);
+        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
+        let url = format!("http://127.0.0.1:{}/", cfg.port);
+        assert_eq!(load(&url, 4, 40).await.len(), 40, "{line:?} x{threads}");
+        assert_eq!(worker_cpus(child.id()), expected, "{line:?} x{threads}");
+        sigterm(&child);
+        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+        assert_eq!(status.code(), Some(0));
+    }
+}
