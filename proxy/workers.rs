@@ -106,17 +106,20 @@ impl Drop for Assigned {
 }
 
 /// The CPU each of `n` workers runs on when workers are pinned (`[server] pin_workers`):
-/// worker `i` on the `i`-th of the CPUs this process may use (`allowed`, in order), or none
-/// pinned when there are fewer such CPUs than workers: two workers bound to one CPU could
-/// never be moved apart by the scheduler, which is worse than not binding them.
+/// worker `i` on the `i`-th of the CPUs this process may use (`allowed`, in order), when
+/// there are exactly as many workers as such CPUs (the default `worker_threads`); otherwise
+/// none is pinned.
 ///
-/// Why pin at all: on a machine the proxy shares with its clients and backends (two cores,
-/// wrk and the backend beside two workers), the scheduler's wake-up placement now and then
-/// puts both workers on one core while the other runs the peers; bound, each worker keeps
-/// its core and its caches. Measured: 104,556 vs 97,923 req/s and 8.91 vs 9.44 µs of CPU a
-/// request, six alternating pairs (loadtest/RESULTS.md).
+/// Why, measured on two cores shared with wrk and the backend (loadtest/RESULTS.md): with a
+/// worker per core, the scheduler's wake-up placement now and then stacks both workers on
+/// one core while the other runs the peers; bound, each keeps its core and its caches
+/// (104,556 vs 97,923 req/s, 8.91 vs 9.44 µs of CPU a request, six alternating pairs). With
+/// fewer workers than cores, a bound worker cannot leave a core its peers are using for an
+/// idle one: one worker on two cores spent less CPU a request bound (7.99 vs 8.64 µs) but
+/// the machine sat idle more and moved fewer requests (87,056 vs 90,118 req/s, five pairs).
+/// With more workers than cores, two bound to one core could never be moved apart.
 pub fn placement(n: usize, allowed: &[usize]) -> Option<Vec<usize>> {
-    (n > 0 && n <= allowed.len()).then(|| allowed[..n].to_vec())
+    (n > 0 && n == allowed.len()).then(|| allowed.to_vec())
 }
 
 /// The CPUs this thread may run on (its affinity mask, which a cpuset or `taskset` narrows).
@@ -146,7 +149,7 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
             None => tracing::info!(
                 workers = n,
                 cpus = allowed.len(),
-                "workers not pinned: fewer CPUs than workers"
+                "workers not pinned: not one worker per CPU"
             ),
         }
         cpus
@@ -216,11 +219,11 @@ mod tests {
     use super::placement;
 
     #[test]
-    fn workers_take_the_allowed_cpus_in_order_or_none_when_too_few() {
+    fn one_worker_per_allowed_cpu_in_order_or_none_pinned() {
         assert_eq!(placement(2, &[0, 1]), Some(vec![0, 1]));
-        assert_eq!(placement(1, &[0, 1]), Some(vec![0]));
         // A cpuset or taskset leaves gaps: the workers take what is allowed, in order.
-        assert_eq!(placement(2, &[2, 5, 7]), Some(vec![2, 5]));
+        assert_eq!(placement(3, &[2, 5, 7]), Some(vec![2, 5, 7]));
+        assert_eq!(placement(1, &[0, 1]), None);
         assert_eq!(placement(3, &[0, 1]), None);
         assert_eq!(placement(1, &[]), None);
         assert_eq!(placement(0, &[0]), None);

@@ -296,18 +296,26 @@ fn worker_cpus(pid: u32) -> Vec<Vec<usize>> {
     workers.into_iter().map(|(_, cpus)| cpus).collect()
 }
 
-/// `pin_workers` (on by default): worker `i` runs only on the `i`-th CPU the process may
-/// use; off, or with more workers than CPUs, every worker may run anywhere the process may.
+/// `pin_workers` (on by default): with one worker per CPU the process may use, worker `i`
+/// runs only on the `i`-th; off, or with fewer or more workers than CPUs, every worker may
+/// run anywhere the process may.
 #[tokio::test]
-async fn per_core_workers_are_pinned_to_their_cpus_unless_off_or_too_many() {
+async fn per_core_workers_are_pinned_to_their_cpus_when_one_per_cpu() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let allowed = cpu_list(&status);
-    let too_many = allowed.len() + 1;
-    let cases = [
-        (String::new(), 1, vec![vec![allowed[0]]]),
-        ("pin_workers = false".to_string(), 1, vec![allowed.clone()]),
-        (String::new(), too_many, vec![allowed.clone(); too_many]),
+    let n = allowed.len();
+    let mut cases = vec![
+        (String::new(), n, allowed.iter().map(|&c| vec![c]).collect()),
+        (
+            "pin_workers = false".to_string(),
+            n,
+            vec![allowed.clone(); n],
+        ),
+        (String::new(), n + 1, vec![allowed.clone(); n + 1]),
     ];
+    if n > 1 {
+        cases.push((String::new(), n - 1, vec![allowed.clone(); n - 1]));
+    }
     for (line, threads, expected) in cases {
         let b = backend("a").spawn().await;
         let cfg = binary_config(|_| format!("worker_threads = {threads}\n{line}"), b.addr);

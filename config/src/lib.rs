@@ -73,8 +73,8 @@ pub struct ServerConfig {
     /// allows io_uring (otherwise, and when off, one by one). Read at start.
     pub batch_sends: bool,
     /// Per-core worker `i` runs only on the `i`-th CPU this process may use (nginx's
-    /// `worker_cpu_affinity auto`, HAProxy's `cpu-map`), when there are at least as many
-    /// such CPUs as workers; otherwise no worker is pinned. Read at start.
+    /// `worker_cpu_affinity auto`, HAProxy's `cpu-map`), when there are exactly as many
+    /// workers as such CPUs; otherwise no worker is pinned. Read at start.
     pub pin_workers: bool,
     pub watch_config: bool,
     pub resolve_interval: Duration,
