@@ -23,6 +23,7 @@ pub mod health;
 pub mod http1;
 pub mod listener;
 pub mod metrics;
+pub mod padded;
 pub mod park;
 pub mod pool;
 pub mod proxy_protocol;

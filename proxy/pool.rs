@@ -18,6 +18,7 @@ use crate::balance::ewma::{now_ns, PeakEwma, FAILURE_PENALTY};
 use crate::balance::{self, PickCtx, Selector};
 use crate::breaker::{self, Breaker};
 use crate::health::{self, Health};
+use crate::padded::Padded;
 use crate::sticky;
 use crate::upstream::UpstreamClient;
 
@@ -70,8 +71,10 @@ impl Hasher for Fnv1a {
 
 /// Everything live about one backend. Shared by every snapshot that contains the backend.
 pub struct BackendState {
-    pub in_flight: AtomicU64,
-    pub requests: AtomicU64,
+    // Written per request by whichever worker carries it: each on lines of its own, apart
+    // from the health and breaker words every pick reads (`crate::padded`).
+    pub in_flight: Padded<AtomicU64>,
+    pub requests: Padded<AtomicU64>,
     pub failures: AtomicU64,
     pub health: Health,
     pub breaker: Breaker,
@@ -90,9 +93,9 @@ pub struct BackendState {
     /// Prometheus handles (none for backends made outside a snapshot, as in benches).
     pub metrics: Option<crate::metrics::BackendMetrics>,
     /// Latency percentiles over the last seconds, for status and the dashboard.
-    pub latency_window: crate::metrics::LatencyWindow,
+    pub latency_window: Padded<crate::metrics::LatencyWindow>,
     /// Peak-EWMA latency, for least_response_time and status.
-    pub latency: PeakEwma,
+    pub latency: Padded<PeakEwma>,
     /// Keep-alive connections to this backend.
     pub client: UpstreamClient,
     /// HTTP/2 upstreams: more clients (each its own connection), used in turn as the
@@ -105,12 +108,12 @@ impl BackendState {
     /// A new backend, assumed to answer in `initial_rtt` until it has been measured.
     pub fn new(client: UpstreamClient, initial_rtt: Duration, healthy: bool) -> BackendState {
         BackendState {
-            latency: PeakEwma::new(initial_rtt, now_ns()),
+            latency: Padded(PeakEwma::new(initial_rtt, now_ns())),
             joined: std::time::Instant::now(),
             metrics: None,
             latency_window: Default::default(),
-            in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            in_flight: Padded(AtomicU64::new(0)),
+            requests: Padded(AtomicU64::new(0)),
             failures: AtomicU64::new(0),
             health: Health::new(healthy),
             breaker: Breaker::default(),

@@ -13,6 +13,7 @@
 //! Only requests whose body is already in memory (or absent) and that ask for no upgrade come
 //! here; streamed uploads, WebSocket, HTTP/2 and TLS backends stay on hyper-util.
 
+use crate::padded::Padded;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -67,7 +68,9 @@ pub struct H1Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// One slot per worker, each on its own lines: a worker taking its slot's lock never
+    /// pulls in the line of the slot beside it.
+    idle: Box<[Padded<Mutex<Vec<Idle>>>]>,
 }
 
 /// How the response body is delimited on the wire.
@@ -101,7 +104,7 @@ impl H1Pool {
             idle_timeout,
             max_idle,
             idle: (0..crate::workers::slots())
-                .map(|_| Mutex::new(Vec::new()))
+                .map(|_| Padded(Mutex::new(Vec::new())))
                 .collect(),
         }
     }
