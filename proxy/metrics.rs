@@ -13,7 +13,7 @@ use hdrhistogram::Histogram as Hdr;
 use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::padded::Padded;
+use crate::padded::PerWorker;
 use crate::server::Shared;
 
 pub const REQUESTS_TOTAL: &str = "fulcrum_requests_total";
@@ -79,18 +79,6 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// This worker's shard of a per-worker set (`shards` sized by `workers::slots()` when the
-/// set was made; the control thread and any thread outside the workers share shard 0).
-fn mine<T>(shards: &[Padded<T>]) -> &T {
-    &shards[crate::workers::slot() % shards.len()]
-}
-
-fn per_worker<T>(make: impl Fn() -> T) -> Box<[Padded<T>]> {
-    (0..crate::workers::slots().max(1))
-        .map(|_| Padded(make()))
-        .collect()
-}
-
 /// `N` request counters kept per worker, each worker's on cache lines of its own, so two
 /// workers counting at once never pull a line from each other's core (Envoy's per-worker
 /// stats, HAProxy's per-thread counters); added into the exporter's counters when /metrics
@@ -98,21 +86,21 @@ fn per_worker<T>(make: impl Fn() -> T) -> Box<[Padded<T>]> {
 /// backend gone), so no count is lost. Measured under two workers: the exporter's shared
 /// counter was 0.8 % of fulcrum's samples, most of it the line moving between cores.
 pub struct Tally<const N: usize> {
-    shards: Box<[Padded<[AtomicU64; N]>]>,
+    shards: PerWorker<[AtomicU64; N]>,
     counters: [Counter; N],
 }
 
 impl<const N: usize> Tally<N> {
     pub fn new(counters: [Counter; N]) -> Tally<N> {
         Tally {
-            shards: per_worker(|| std::array::from_fn(|_| AtomicU64::new(0))),
+            shards: PerWorker::new(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             counters,
         }
     }
 
     /// One more on counter `i`, in this worker's shard.
     pub fn add(&self, i: usize) {
-        mine(&self.shards)[i].fetch_add(1, Ordering::Relaxed);
+        self.shards.mine()[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves every shard's counts into the exporter's counters.
@@ -142,7 +130,7 @@ impl<const N: usize> Drop for Tally<N> {
 /// an upkeep task sums them into buckets; here a request costs a bucket search and two
 /// adds on its worker's own lines, and there is nothing to sum up later.
 pub struct DurationHistogram {
-    shards: Box<[Padded<DurationShard>]>,
+    shards: PerWorker<DurationShard>,
 }
 
 struct DurationShard {
@@ -154,7 +142,7 @@ struct DurationShard {
 impl Default for DurationHistogram {
     fn default() -> Self {
         DurationHistogram {
-            shards: per_worker(|| DurationShard {
+            shards: PerWorker::new(|_| DurationShard {
                 buckets: std::array::from_fn(|_| AtomicU64::new(0)),
                 sum_ns: AtomicU64::new(0),
             }),
@@ -166,7 +154,7 @@ impl DurationHistogram {
     pub fn record(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         let i = DURATION_BUCKETS.partition_point(|&(bound, _)| bound < ns);
-        let shard = mine(&self.shards);
+        let shard = self.shards.mine();
         shard.buckets[i].fetch_add(1, Ordering::Relaxed);
         shard.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use fulcrum_config::{Algorithm, PoolConfig};
 
+use crate::padded::PerWorker;
 use crate::pool::Backend;
 
 pub use ip_hash::{hash_ip, maglev_table, IpHash};
@@ -81,25 +82,20 @@ pub fn build(config: &PoolConfig, backends: &[Arc<Backend>]) -> Box<dyn Selector
 /// bounce a shared counter between cores, and each walks the whole sequence, so every worker
 /// keeps the exact shares on its own. Outside the workers (tests, the control thread) there
 /// is one position.
-pub struct Cursor(Box<[CursorSlot]>);
-
-#[repr(align(128))]
-struct CursorSlot(std::sync::atomic::AtomicUsize);
+pub struct Cursor(PerWorker<std::sync::atomic::AtomicUsize>);
 
 impl Cursor {
     pub fn new() -> Cursor {
-        Cursor(
-            (0..crate::workers::slots())
-                // Workers start at different places, so they do not all begin on backend 0.
-                .map(|i| CursorSlot(std::sync::atomic::AtomicUsize::new(i.wrapping_mul(7919))))
-                .collect(),
-        )
+        // Workers start at different places, so they do not all begin on backend 0.
+        Cursor(PerWorker::new(|i| {
+            std::sync::atomic::AtomicUsize::new(i.wrapping_mul(7919))
+        }))
     }
 
     /// The next position (callers reduce it modulo their length).
     pub fn next(&self) -> usize {
-        self.0[crate::workers::slot() % self.0.len()]
-            .0
+        self.0
+            .mine()
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -13,7 +13,7 @@
 //! Only requests whose body is already in memory (or absent) and that ask for no upgrade come
 //! here; streamed uploads, WebSocket, HTTP/2 and TLS backends stay on hyper-util.
 
-use crate::padded::Padded;
+use crate::padded::PerWorker;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -70,7 +70,7 @@ pub struct H1Pool {
     max_idle: usize,
     /// One slot per worker, each on its own lines: a worker taking its slot's lock never
     /// pulls in the line of the slot beside it.
-    idle: Box<[Padded<Mutex<Vec<Idle>>>]>,
+    idle: PerWorker<Mutex<Vec<Idle>>>,
 }
 
 /// How the response body is delimited on the wire.
@@ -103,9 +103,7 @@ impl H1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: (0..crate::workers::slots())
-                .map(|_| Padded(Mutex::new(Vec::new())))
-                .collect(),
+            idle: PerWorker::new(|_| Mutex::new(Vec::new())),
         }
     }
 
@@ -118,7 +116,7 @@ impl H1Pool {
     }
 
     fn stack(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[crate::workers::slot() % self.idle.len()]
+        self.idle.mine()
     }
 
     fn checkout(&self) -> Option<Conn> {
