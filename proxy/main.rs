@@ -52,7 +52,6 @@ unsafe fn mi_alloc(
 unsafe impl std::alloc::GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        before_first_alloc();
         mi_alloc(
             layout,
             libmimalloc_sys::mi_malloc,
@@ -62,7 +61,6 @@ unsafe impl std::alloc::GlobalAlloc for MiMalloc {
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        before_first_alloc();
         mi_alloc(
             layout,
             libmimalloc_sys::mi_zalloc,
@@ -104,23 +102,20 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// purges (`release_memory`, after a burst) is decommitted and leaves the resident size.
 /// With the default on Linux (eager commit), 10,000 idle connections measured 0.31-1.31 KiB
 /// each, two-moded from run to run; on demand 0.16-0.26 (loadtest/RESULTS.md, idle.sh).
-/// Set before the first allocation (the runtime allocates before `main`, and the first
-/// allocation reserves the arena), once: the process has one thread then.
-#[cold]
+/// Set by the loader, before any code of the program runs: the Rust runtime allocates before
+/// `main`, and the first allocation reserves the arena (set first thing in `main`, the
+/// option came too late: measured, no change). Nothing on the allocation path checks it.
 #[allow(unsafe_code)]
-fn commit_on_demand() {
-    OPTIONS_SET.store(true, std::sync::atomic::Ordering::Relaxed);
-    // SAFETY: sets one integer option; mimalloc reads options at any time.
+#[used]
+#[link_section = ".init_array"]
+static COMMIT_ON_DEMAND: extern "C" fn() = commit_on_demand;
+
+#[allow(unsafe_code)]
+extern "C" fn commit_on_demand() {
+    // SAFETY: sets one integer option; mimalloc reads options at any time, and one set
+    // before its own start-up keeps the value (only options never set are read from the
+    // environment).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) }
-}
-
-static OPTIONS_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-#[inline]
-fn before_first_alloc() {
-    if !OPTIONS_SET.load(std::sync::atomic::Ordering::Relaxed) {
-        commit_on_demand();
-    }
 }
 
 #[derive(Parser)]
