@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use http_body_util::BodyExt;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
@@ -235,31 +236,86 @@ async fn per_core_workers_park_and_resume_idle_connections() {
 }
 
 /// The binary's per-core workers send a turn's answers and backend requests in one io_uring
-/// submission (`batch_sends`, on by default; one `sendto` each where the kernel refuses
-/// io_uring, or with it off): with many clients at once, every answer still reaches its own
-/// client whole, and every request its backend, both ways.
+/// submission (`batch_sends`) and read the requests and answers of the sockets found
+/// readable in another (`batch_receives`; both on by default; one `sendto` or `recvfrom`
+/// each where the kernel refuses io_uring, or with them off): with many clients at once,
+/// every answer still reaches its own client whole, and every request its backend, each way.
 #[tokio::test]
-async fn per_core_workers_answer_every_client_with_sends_batched_or_not() {
-    for batch in [true, false] {
+async fn per_core_workers_answer_every_client_with_io_batched_or_not() {
+    for (sends, receives) in [(true, true), (true, false), (false, true), (false, false)] {
         let b = backend("a").spawn().await;
         let cfg = binary_config(
-            |_| format!("worker_threads = 2\nbatch_sends = {batch}"),
+            |_| format!("worker_threads = 2\nbatch_sends = {sends}\nbatch_receives = {receives}"),
             b.addr,
         );
         let mut child = run_binary(&[], &cfg.path);
         wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
         let url = format!("http://127.0.0.1:{}/", cfg.port);
         let bodies = load(&url, 32, 2000).await;
-        assert_eq!(bodies.len(), 2000, "batch_sends = {batch}");
-        assert!(
-            bodies.iter().all(|body| body == "a"),
-            "batch_sends = {batch}"
-        );
-        assert_eq!(b.hits(), 2000, "batch_sends = {batch}");
+        let case = format!("batch_sends = {sends}, batch_receives = {receives}");
+        assert_eq!(bodies.len(), 2000, "{case}");
+        assert!(bodies.iter().all(|body| body == "a"), "{case}");
+        assert_eq!(b.hits(), 2000, "{case}");
         sigterm(&child);
         let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
         assert_eq!(status.code(), Some(0));
     }
+}
+
+/// Through the binary's per-core workers with every socket read in batches (the default):
+/// messages larger than one batched receive (16 KiB) arrive whole, both ways and on both
+/// sides: answers of 200,000 bytes, uploads of 100 KiB, request heads of 20 KiB, from
+/// eight clients at once over keep-alive connections, each client's requests in turn.
+#[tokio::test]
+async fn per_core_workers_carry_messages_larger_than_a_batched_receive() {
+    let b = backend("a").spawn().await;
+    let cfg = binary_config(|_| "worker_threads = 2".to_string(), b.addr);
+    let mut child = run_binary(&[], &cfg.path);
+    wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
+    let base = format!("http://127.0.0.1:{}", cfg.port);
+    let filler = "f".repeat(20 * 1024);
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (base, filler) = (base.clone(), filler.clone());
+        clients.push(tokio::spawn(async move {
+            let client = client();
+            for round in 0..5 {
+                let what = format!("client {c}, round {round}");
+                let resp = client
+                    .get(format!("{base}/bytes/200000").parse().unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{what}");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body.len(), 200_000, "{what}");
+                let up = http::Request::post(format!("{base}/upload"))
+                    .body(full(vec![b'u'; 100 * 1024]))
+                    .unwrap();
+                let resp = client.request(up).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{what}");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"102400", "{what}");
+                let big_head = http::Request::get(format!("{base}/"))
+                    .header("x-filler", filler.as_str())
+                    .body(full(""))
+                    .unwrap();
+                let resp = client.request(big_head).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{what}");
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"a", "{what}");
+            }
+        }));
+    }
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .expect("a client waited a minute for its answers")
+            .unwrap();
+    }
+    assert_eq!(b.hits(), 8 * 5 * 3);
+    sigterm(&child);
+    let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+    assert_eq!(status.code(), Some(0));
 }
 
 /// The CPUs in a `/proc/.../status` `Cpus_allowed_list` line ("0-3,6").
