@@ -55,9 +55,11 @@ const KEPT_CHUNKS: usize = 64;
 enum Op {
     /// Sends `len` bytes from [`Batch::bytes`] at `at` (until flushed).
     Send { at: usize, len: usize },
-    /// Receives up to `len` bytes into `chunk`, one of the batch's receive buffers, which the
+    /// Receives up to `len` bytes into the spare capacity of `chunk`, one of the batch's
+    /// receive buffers (empty, [`RECV_CHUNK`] of capacity, left uninitialised so that a small
+    /// message touches one page of it, not four), which the
     /// entry holds until its reader takes what arrived (or it is dropped).
-    Recv { chunk: Box<[u8]>, len: usize },
+    Recv { chunk: Vec<u8>, len: usize },
 }
 
 /// One queued send or receive.
@@ -76,7 +78,7 @@ struct Batch {
     /// The queued sends' bytes, one after another; emptied by each flush.
     bytes: Vec<u8>,
     /// Receive buffers ([`RECV_CHUNK`] bytes each) free for the next receives.
-    chunks: Vec<Box<[u8]>>,
+    chunks: Vec<Vec<u8>>,
     /// The flusher task, when it is waiting for sends.
     flusher: Option<Waker>,
     /// A submission failed: nothing more is batched on this thread.
@@ -194,7 +196,7 @@ pub fn recv(fd: RawFd, buf: &mut bytes::BytesMut) -> Option<Recv<'_>> {
         let chunk = batch
             .chunks
             .pop()
-            .unwrap_or_else(|| vec![0u8; RECV_CHUNK].into_boxed_slice());
+            .unwrap_or_else(|| Vec::with_capacity(RECV_CHUNK));
         let key = batch.queue(fd, Op::Recv { chunk, len });
         Some(Recv {
             key: Some(key),
@@ -284,8 +286,9 @@ impl Future for Recv<'_> {
             let entry = batch.entries.remove(key);
             self.key = None;
             if let Op::Recv { chunk, .. } = entry.op {
-                if let Ok(n) = result {
-                    self.buf.extend_from_slice(&chunk[..n.min(chunk.len())]);
+                if result.is_ok() {
+                    // What arrived: the chunk's length, set when the completion was reaped.
+                    self.buf.extend_from_slice(&chunk);
                 }
                 batch.give_back(chunk);
             }
@@ -340,8 +343,9 @@ impl Batch {
     }
 
     /// A receive buffer back for reuse (or freed, beyond [`KEPT_CHUNKS`]).
-    fn give_back(&mut self, chunk: Box<[u8]>) {
-        if self.chunks.len() < KEPT_CHUNKS {
+    fn give_back(&mut self, mut chunk: Vec<u8>) {
+        chunk.clear();
+        if self.chunks.len() < KEPT_CHUNKS && chunk.capacity() >= RECV_CHUNK {
             self.chunks.push(chunk);
         }
     }
@@ -365,11 +369,13 @@ impl Batch {
                         )
                         .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
                         .build(),
-                        Op::Recv { chunk, len } => {
-                            opcode::Recv::new(types::Fd(e.fd), chunk.as_mut_ptr(), *len as u32)
-                                .flags(libc::MSG_DONTWAIT)
-                                .build()
-                        }
+                        Op::Recv { chunk, len } => opcode::Recv::new(
+                            types::Fd(e.fd),
+                            chunk.spare_capacity_mut().as_mut_ptr().cast(),
+                            *len as u32,
+                        )
+                        .flags(libc::MSG_DONTWAIT)
+                        .build(),
                     }
                     .user_data(key as u64);
                     // SAFETY: a send points into `self.bytes`, which is neither freed nor
@@ -423,6 +429,17 @@ impl Batch {
                     let r = cqe.result();
                     if let Some(entry) = self.entries.get_mut(cqe.user_data() as usize) {
                         entry.result = Some(if r >= 0 {
+                            if let Op::Recv { chunk, len } = &mut entry.op {
+                                let n = (r as usize).min(*len);
+                                // SAFETY: the kernel wrote `n` bytes (the completion's result,
+                                // at most the `len` asked for, itself at most the capacity)
+                                // at the start of the chunk's spare capacity, where the entry
+                                // pointed it, and the chunk was empty.
+                                #[allow(unsafe_code)]
+                                unsafe {
+                                    chunk.set_len(n)
+                                };
+                            }
                             Ok(r as usize)
                         } else {
                             Err(io::Error::from_raw_os_error(-r))
