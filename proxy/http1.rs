@@ -200,7 +200,7 @@ pub(crate) fn serve(
                     }
                 }
                 buf.reserve(INITIAL_BUFFER);
-                match read_ready(&stream, &mut buf).await {
+                match try_read_drained(&stream, &mut buf) {
                     Ok(0) => return,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -317,12 +317,12 @@ async fn request(
 
 /// `write_all` for a small message (an answer, a request to a backend). On a worker that
 /// batches its sends, the message goes out with the rest of the turn's in one io_uring
-/// submission (`crate::iobatch`); elsewhere a socket that is writable (the usual case on a
+/// submission (`crate::sendbatch`); elsewhere a socket that is writable (the usual case on a
 /// keep-alive connection) takes one `try_write`, without the `WriteAll` future, its poll and
 /// the scheduler's budget check around it. Either way the rest of a short write, or all of
 /// it when the socket had no room, goes through `write_all`.
 pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    let first = match crate::iobatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
+    let first = match crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
         Some(send) => send.await,
         None => stream.try_write(buf),
     };
@@ -368,55 +368,11 @@ pub(crate) fn try_read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Re
     }
 }
 
-/// Reads what a socket seen readable holds, as [`try_read_drained`] does; on a worker that
-/// batches its I/O, in one io_uring submission with the rest of the turn's receives and
-/// sends (`crate::iobatch`). The socket's readiness is forgotten before that receive, as
-/// a drained read would forget it after: bytes that arrive later are a new edge and make it
-/// readable again (bytes that arrive in between are read now, and that edge finds nothing:
-/// one empty read later, never a missed one). A receive that fills what it asked for may
-/// have left more behind, unseen by the reactor from now on, so the rest is read at once,
-/// directly, until the kernel has no more.
-pub(crate) async fn read_ready(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let Some(recv) = crate::iobatch::recv(stream.as_raw_fd(), buf) else {
-        return try_read_drained(stream, buf);
-    };
-    let asked = recv.asked();
-    let _ = stream.try_io(tokio::io::Interest::READABLE, || {
-        Err::<(), _>(io::ErrorKind::WouldBlock.into())
-    });
-    let n = recv.await?;
-    if n < asked {
-        return Ok(n);
-    }
-    let mut total = n;
-    let socket = socket2::SockRef::from(stream);
-    loop {
-        let at = buf.len();
-        buf.resize(at + crate::iobatch::RECV_CHUNK, 0);
-        let read = io::Read::read(&mut &*socket, &mut buf[at..]);
-        let got = *read.as_ref().unwrap_or(&0);
-        buf.truncate(at + got);
-        match read {
-            Ok(0) => return Ok(total),
-            Ok(m) => {
-                total += m;
-                if m < crate::iobatch::RECV_CHUNK {
-                    return Ok(total);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Waits until the socket is readable, then [`read_ready`].
+/// Waits until the socket is readable, then [`try_read_drained`].
 pub(crate) async fn read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
         stream.readable().await?;
-        match read_ready(stream, buf).await {
+        match try_read_drained(stream, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }

@@ -50,10 +50,10 @@ impl Drop for Busy {
 /// costs the writer the scheduler's work, measured as the top kernel frame) and fewer
 /// preemptions of this thread by the peers it wakes. HAProxy gets the same shape from
 /// reading every ready socket before it runs its streams. A lone request writes at once, and
-/// so does every request on a worker that batches its sends (`crate::iobatch`), whose
+/// so does every request on a worker that batches its sends (`crate::sendbatch`), whose
 /// batch goes out at the end of the turn anyway, in one submission.
 pub async fn gather() {
-    if BUSY.with(|b| b.get()) > 1 && !crate::iobatch::active() {
+    if BUSY.with(|b| b.get()) > 1 && !crate::sendbatch::active() {
         if SLOT.with(|s| s.get()) == 0 {
             return tokio::task::yield_now().await;
         }
@@ -132,16 +132,15 @@ fn allowed_cpus() -> Vec<usize> {
 }
 
 /// Starts `n` worker threads, once per process, before the server starts (upstream pools
-/// size their per-worker slots from it), each batching its sends and receives if
-/// `batch_sends` and `batch_receives` (`iobatch`) and bound to its CPU if `pin_workers`
-/// ([`placement`]). Later calls return
+/// size their per-worker slots from it), each batching its sends if `batch_sends`
+/// (`sendbatch`) and bound to its CPU if `pin_workers` ([`placement`]). Later calls return
 /// the first set.
 pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result<&'static Workers> {
     if let Some(w) = WORKERS.get() {
         return Ok(w);
     }
     let n = n.max(1);
-    let (batch_sends, batch_receives) = (server.batch_sends, server.batch_receives);
+    let batch_sends = server.batch_sends;
     let cpus = if server.pin_workers {
         let allowed = allowed_cpus();
         let cpus = placement(n, &allowed);
@@ -184,10 +183,12 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
                 };
                 let _ = tx.send(Ok(rt.handle().clone()));
                 // Serves until the process exits (the main thread decides when: after the
-                // drain, exiting ends these threads with it).
+                // drain, exiting ends these threads with it). The future `block_on` polls is
+                // this thread's send flusher: the scheduler polls it only between rounds of
+                // tasks, when those it ran have queued their sends (`sendbatch`).
                 rt.block_on(async {
-                    if crate::iobatch::init(batch_sends, batch_receives) {
-                        tokio::spawn(crate::iobatch::flusher());
+                    if batch_sends && crate::sendbatch::init() {
+                        crate::sendbatch::flusher().await;
                     }
                     std::future::pending::<()>().await
                 });

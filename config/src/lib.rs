@@ -72,10 +72,6 @@ pub struct ServerConfig {
     /// backends) in one io_uring submission instead of one `sendto` each, where the kernel
     /// allows io_uring (otherwise, and when off, one by one). Read at start.
     pub batch_sends: bool,
-    /// Per-core workers read the sockets one look at the reactor found readable (requests,
-    /// answers from backends) in one io_uring submission instead of one `recvfrom` each,
-    /// where the kernel allows io_uring (otherwise, and when off, one by one). Read at start.
-    pub batch_receives: bool,
     /// Per-core worker `i` runs only on the `i`-th CPU this process may use (nginx's
     /// `worker_cpu_affinity auto`, HAProxy's `cpu-map`), when there are exactly as many
     /// workers as such CPUs; otherwise no worker is pinned. Read at start.
@@ -100,7 +96,6 @@ impl Default for ServerConfig {
             max_request_header_bytes: 32 * 1024,
             max_requests_per_connection: None,
             batch_sends: true,
-            batch_receives: true,
             pin_workers: true,
             watch_config: false,
             resolve_interval: Duration::from_secs(5),

@@ -43,7 +43,6 @@ pub struct RawServer {
     pub max_request_header_bytes: Option<S<i64>>,
     pub max_requests_per_connection: Option<S<i64>>,
     pub batch_sends: Option<bool>,
-    pub batch_receives: Option<bool>,
     pub pin_workers: Option<bool>,
     pub watch_config: Option<bool>,
     pub resolve_interval: Option<S<String>>,

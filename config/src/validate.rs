@@ -302,7 +302,6 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
             )
             .map(|n| n as u64),
         batch_sends: s.batch_sends.unwrap_or(d.batch_sends),
-        batch_receives: s.batch_receives.unwrap_or(d.batch_receives),
         pin_workers: s.pin_workers.unwrap_or(d.pin_workers),
         watch_config: s.watch_config.unwrap_or(d.watch_config),
         resolve_interval: v.duration(&s.resolve_interval, "resolve_interval", d.resolve_interval),
@@ -876,15 +875,10 @@ backends = [{ address = "127.0.0.1:9001" }]
     #[test]
     fn worker_switches_default_on_and_refuse_non_booleans() {
         let d = Config::parse(MIN, "f.toml").unwrap().server;
-        assert!(d.pin_workers && d.batch_sends && d.batch_receives);
-        let off = format!(
-            "[server]\npin_workers = false\nbatch_sends = false\nbatch_receives = false\n{MIN}"
-        );
+        assert!(d.pin_workers && d.batch_sends);
+        let off = format!("[server]\npin_workers = false\nbatch_sends = false\n{MIN}");
         let s = Config::parse(&off, "f.toml").unwrap().server;
-        assert!(!s.pin_workers && !s.batch_sends && !s.batch_receives);
-        let e = errors(&format!("[server]\nbatch_receives = 1\n{MIN}"));
-        assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("f.toml:2:"), "{}", e[0]);
+        assert!(!s.pin_workers && !s.batch_sends);
         let e = errors(&format!("[server]\npin_workers = \"auto\"\n{MIN}"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("f.toml:2:"), "{}", e[0]);
