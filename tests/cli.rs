@@ -282,28 +282,28 @@ async fn per_core_workers_carry_messages_larger_than_one_read() {
             let client = client();
             for round in 0..5 {
                 let what = format!("client {c}, round {round}");
-                let resp = client
-                    .get(format!("{base}/bytes/200000").parse().unwrap())
-                    .await
+                let get = http::Request::get(format!("{base}/bytes/200000"))
+                    .body(full(""))
                     .unwrap();
-                assert_eq!(resp.status(), StatusCode::OK, "{what}");
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                let body = answer_ok(&client, get, &what).await;
                 assert_eq!(body.len(), 200_000, "{what}");
                 let up = http::Request::post(format!("{base}/upload"))
                     .body(full(vec![b'u'; 100 * 1024]))
                     .unwrap();
-                let resp = client.request(up).await.unwrap();
-                assert_eq!(resp.status(), StatusCode::OK, "{what}");
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                assert_eq!(&body[..], b"102400", "{what}");
+                assert_eq!(
+                    &answer_ok(&client, up, &what).await[..],
+                    b"102400",
+                    "{what}"
+                );
                 let big_head = http::Request::get(format!("{base}/"))
                     .header("x-filler", filler.as_str())
                     .body(full(""))
                     .unwrap();
-                let resp = client.request(big_head).await.unwrap();
-                assert_eq!(resp.status(), StatusCode::OK, "{what}");
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                assert_eq!(&body[..], b"a", "{what}");
+                assert_eq!(
+                    &answer_ok(&client, big_head, &what).await[..],
+                    b"a",
+                    "{what}"
+                );
             }
         }));
     }
@@ -317,6 +317,20 @@ async fn per_core_workers_carry_messages_larger_than_one_read() {
     sigterm(&child);
     let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
     assert_eq!(status.code(), Some(0));
+}
+
+/// Sends `req` on `client` (keep-alive), asserts a 200 and returns the whole body.
+async fn answer_ok(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        TestBody,
+    >,
+    req: http::Request<TestBody>,
+    what: &str,
+) -> bytes::Bytes {
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{what}");
+    resp.into_body().collect().await.unwrap().to_bytes()
 }
 
 /// The CPUs in a `/proc/.../status` `Cpus_allowed_list` line ("0-3,6").
