@@ -18,6 +18,9 @@ ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
 start_backends
 BACKEND_PID=${PIDS[0]}
 idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
+# wake-ups that cross cores (rescheduling and function-call interrupts) and context switches
+ipis() { awk '$1 == "RES:" || $1 == "CAL:" {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n}' /proc/interrupts; }
+switches() { awk '$1 == "ctxt" {print $2}' /proc/stat; }
 
 for r in $(seq "$ROUNDS"); do
     for c in $CASES; do
@@ -31,6 +34,7 @@ for r in $(seq "$ROUNDS"); do
         fi
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         f0=$(cpu_ticks "$CASE_PID"); b0=$(cpu_ticks "$BACKEND_PID"); i0=$(idle_ticks)
+        q0=$(ipis); s0=$(switches)
         if [[ $TOOL == oha ]]; then
             /usr/bin/time -f "%U %S" -o "$OUT/time.txt" timeout $((D + 30)) \
                 oha -z "${D}s" -c 64 ${RATE:+-q "$RATE"} --no-tui --output-format json "$CASE_URL" \
@@ -42,14 +46,17 @@ for r in $(seq "$ROUNDS"); do
             rps=$(awk '/Requests\/sec/{print $2}' "$OUT/out.txt")
         fi
         f1=$(cpu_ticks "$CASE_PID"); b1=$(cpu_ticks "$BACKEND_PID"); i1=$(idle_ticks)
+        q1=$(ipis); s1=$(switches)
         stop_proxy
         gen=$(awk '{print $1 + $2}' "$OUT/time.txt")
-        python3 - "$name" "$rps" "$D" $((f1 - f0)) $((b1 - b0)) $((i1 - i0)) "$gen" "$(getconf CLK_TCK)" <<'PY'
+        python3 - "$name" "$rps" "$D" $((f1 - f0)) $((b1 - b0)) $((i1 - i0)) "$gen" "$(getconf CLK_TCK)" \
+            $((q1 - q0)) $((s1 - s0)) <<'PY'
 import sys
-name, rps, d, f, b, i, gen, hz = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), *map(float, sys.argv[4:])
+name, rps, d, f, b, i, gen, hz, q, s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), *map(float, sys.argv[4:])
 req = rps * d
 us = lambda t: t / hz * 1e6 / req
-print(f"{name}\t{rps:.0f}\tproxy {us(f):.2f}\tbackend {us(b):.2f}\tgen {gen * 1e6 / req:.2f}\tidle {us(i):.2f}", flush=True)
+print(f"{name}\t{rps:.0f}\tproxy {us(f):.2f}\tbackend {us(b):.2f}\tgen {gen * 1e6 / req:.2f}\tidle {us(i):.2f}"
+      f"\tipi {q / req:.3f}\tcs {s / req:.3f}", flush=True)
 PY
     done
 done | tee "$OUT/rounds.tsv"
@@ -62,5 +69,6 @@ for line in open(sys.argv[1]):
     d[p[0]].append([float(p[1])] + [float(x.split()[1]) for x in p[2:]])
 for k, v in d.items():
     m = [sum(c) / len(c) for c in zip(*v)]
-    print(f"{k:12s} {m[0]:8.0f} req/s  proxy {m[1]:6.2f}  backend {m[2]:6.2f}  gen {m[3]:6.2f}  idle {m[4]:6.2f}")
+    print(f"{k:12s} {m[0]:8.0f} req/s  proxy {m[1]:6.2f}  backend {m[2]:6.2f}  gen {m[3]:6.2f}  idle {m[4]:6.2f}"
+          f"  ipi {m[5]:5.3f}  cs {m[6]:5.3f}")
 PY

@@ -141,6 +141,7 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
     }
     let n = n.max(1);
     let batch_sends = server.batch_sends;
+    let busy_poll = server.busy_poll;
     let cpus = if server.pin_workers {
         let allowed = allowed_cpus();
         let cpus = placement(n, &allowed);
@@ -170,12 +171,22 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
                         tracing::warn!(worker = i, cpu, "cannot pin the worker; it runs unpinned");
                     }
                 }
+                let before = crate::spin::epoll_fds();
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .event_interval(EVENT_INTERVAL)
+                    .on_thread_park(crate::spin::before_park)
+                    .on_thread_unpark(crate::spin::after_unpark)
                     .build()
                 {
-                    Ok(rt) => rt,
+                    Ok(rt) => {
+                        if !busy_poll.is_zero()
+                            && !crate::spin::arm(&before, &crate::spin::epoll_fds(), busy_poll)
+                        {
+                            tracing::info!(worker = i, "cannot tell the reactor's descriptor: no busy poll");
+                        }
+                        rt
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;

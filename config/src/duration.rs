@@ -1,11 +1,11 @@
-//! Durations as operators write them: `250ms`, `5s`, `1.5s`, `2m`, `1h`.
+//! Durations as operators write them: `200us`, `250ms`, `5s`, `1.5s`, `2m`, `1h`.
 
 use std::time::Duration;
 
 /// Parses a duration string; the error says what was expected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || {
-        format!("invalid duration {text:?}: expected a number followed by ms, s, m, h or d (e.g. \"250ms\", \"5s\")")
+        format!("invalid duration {text:?}: expected a number followed by us, ms, s, m, h or d (e.g. \"250ms\", \"5s\")")
     };
     let t = text.trim();
     let split = t
@@ -17,6 +17,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     let value: f64 = num.parse().map_err(|_| bad())?;
     let secs = match unit {
+        "us" | "µs" => value / 1_000_000.0,
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
@@ -37,6 +38,8 @@ mod tests {
     #[test]
     fn parses_units() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_duration("50µs"), Ok(Duration::from_micros(50)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));

@@ -76,6 +76,10 @@ pub struct ServerConfig {
     /// `worker_cpu_affinity auto`, HAProxy's `cpu-map`), when there are exactly as many
     /// workers as such CPUs; otherwise no worker is pinned. Read at start.
     pub pin_workers: bool,
+    /// The longest a per-core worker with nothing to run watches its sockets before it
+    /// sleeps (HAProxy's `busy-polling`, bounded and adaptive: see `fulcrum::spin`); zero:
+    /// never. Read at start.
+    pub busy_poll: Duration,
     pub watch_config: bool,
     pub resolve_interval: Duration,
     pub websocket_idle_timeout: Duration,
@@ -97,6 +101,7 @@ impl Default for ServerConfig {
             max_requests_per_connection: None,
             batch_sends: true,
             pin_workers: true,
+            busy_poll: Duration::from_micros(200),
             watch_config: false,
             resolve_interval: Duration::from_secs(5),
             websocket_idle_timeout: Duration::from_secs(3600),

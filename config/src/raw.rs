@@ -44,6 +44,7 @@ pub struct RawServer {
     pub max_requests_per_connection: Option<S<i64>>,
     pub batch_sends: Option<bool>,
     pub pin_workers: Option<bool>,
+    pub busy_poll: Option<S<String>>,
     pub watch_config: Option<bool>,
     pub resolve_interval: Option<S<String>>,
     pub websocket_idle_timeout: Option<S<String>>,

@@ -303,6 +303,7 @@ fn server(v: &mut Validator, s: &RawServer) -> ServerConfig {
             .map(|n| n as u64),
         batch_sends: s.batch_sends.unwrap_or(d.batch_sends),
         pin_workers: s.pin_workers.unwrap_or(d.pin_workers),
+        busy_poll: v.duration(&s.busy_poll, "busy_poll", d.busy_poll),
         watch_config: s.watch_config.unwrap_or(d.watch_config),
         resolve_interval: v.duration(&s.resolve_interval, "resolve_interval", d.resolve_interval),
         upgrade_socket: s.upgrade_socket.as_ref().map(|p| p.get_ref().clone()),
@@ -880,6 +881,23 @@ backends = [{ address = "127.0.0.1:9001" }]
         let s = Config::parse(&off, "f.toml").unwrap().server;
         assert!(!s.pin_workers && !s.batch_sends);
         let e = errors(&format!("[server]\npin_workers = \"auto\"\n{MIN}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("f.toml:2:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn busy_poll_is_a_duration_zero_turns_it_off() {
+        let d = Config::parse(MIN, "f.toml").unwrap().server;
+        assert_eq!(d.busy_poll, Duration::from_micros(200));
+        let s = Config::parse(&format!("[server]\nbusy_poll = \"50us\"\n{MIN}"), "f.toml")
+            .unwrap()
+            .server;
+        assert_eq!(s.busy_poll, Duration::from_micros(50));
+        let s = Config::parse(&format!("[server]\nbusy_poll = \"0s\"\n{MIN}"), "f.toml")
+            .unwrap()
+            .server;
+        assert!(s.busy_poll.is_zero());
+        let e = errors(&format!("[server]\nbusy_poll = \"fast\"\n{MIN}"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("f.toml:2:"), "{}", e[0]);
     }
