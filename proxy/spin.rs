@@ -189,7 +189,16 @@ mod tests {
             w.record(5 * 1000 * US);
             seen.push(w.current());
         }
-        assert_eq!(seen, [100 * US, 50 * US, 25 * US, 12500 * US / 1000, Duration::ZERO]);
+        assert_eq!(
+            seen,
+            [
+                100 * US,
+                50 * US,
+                25 * US,
+                12500 * US / 1000,
+                Duration::ZERO
+            ]
+        );
     }
 
     #[test]
@@ -201,12 +210,73 @@ mod tests {
         }
     }
 
+    /// Arms this thread on `poll`'s descriptor with a window of `window` already grown.
+    fn armed_on(poll: &mio::Poll, window: Duration) {
+        use std::os::fd::AsRawFd;
+        SPIN.with(|s| {
+            s.set(Some(Spin {
+                fd: poll.as_raw_fd(),
+                window: Window {
+                    max: window,
+                    now: window,
+                },
+                since: None,
+            }))
+        });
+    }
+
+    #[test]
+    fn spins_until_the_reactor_has_an_event_or_the_window_ends() {
+        let mut poll = mio::Poll::new().unwrap();
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        // An event already there: back at once (the window is two seconds).
+        armed_on(&poll, Duration::from_secs(2));
+        waker.wake().unwrap();
+        let t = Instant::now();
+        before_park();
+        after_unpark();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // The event is left for epoll_wait to take.
+        let mut events = mio::Events::with_capacity(4);
+        poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+        assert_eq!(events.iter().count(), 1);
+        // An event from another thread during the spin ends it.
+        armed_on(&poll, Duration::from_secs(2));
+        let w = waker.clone();
+        let other = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.wake().unwrap();
+        });
+        let t = Instant::now();
+        before_park();
+        let spun = t.elapsed();
+        other.join().unwrap();
+        assert!(
+            spun >= Duration::from_millis(20) && spun < Duration::from_secs(1),
+            "{spun:?}"
+        );
+        poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+        // No event: the whole window, then the sleep.
+        armed_on(&poll, Duration::from_millis(30));
+        let t = Instant::now();
+        before_park();
+        assert!(
+            t.elapsed() >= Duration::from_millis(30),
+            "{:?}",
+            t.elapsed()
+        );
+        SPIN.with(|s| s.take());
+    }
+
     #[test]
     fn arms_only_on_one_new_epoll_instance() {
         let before: HashSet<RawFd> = [3].into();
         let max = 50 * US;
         assert!(!arm(&before, &before, max), "nothing new");
-        assert!(!arm(&before, &[3, 7, 9, 11].into(), max), "three new: unknown");
+        assert!(
+            !arm(&before, &[3, 7, 9, 11].into(), max),
+            "three new: unknown"
+        );
         assert!(!arm(&before, &[3, 7].into(), Duration::ZERO), "turned off");
         assert!(arm(&before, &[3, 9, 7].into(), max));
         SPIN.with(|s| {

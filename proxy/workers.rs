@@ -183,7 +183,10 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
                         if !busy_poll.is_zero()
                             && !crate::spin::arm(&before, &crate::spin::epoll_fds(), busy_poll)
                         {
-                            tracing::info!(worker = i, "cannot tell the reactor's descriptor: no busy poll");
+                            tracing::info!(
+                                worker = i,
+                                "cannot tell the reactor's descriptor: no busy poll"
+                            );
                         }
                         rt
                     }

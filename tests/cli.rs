@@ -400,3 +400,42 @@ async fn per_core_workers_are_pinned_to_their_cpus_when_one_per_cpu() {
         assert_eq!(status.code(), Some(0));
     }
 }
+
+/// CPU time a process has used, in clock ticks (user + system, from /proc).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// `busy_poll` (200 µs by default): the per-core workers' spin before they sleep adapts to
+/// how long they sleep, so once the load stops a worker stops spinning: an idle server uses
+/// next to no CPU (a worker that kept spinning would use a whole core), with the spin on or
+/// off, and answers again when asked.
+#[tokio::test]
+async fn per_core_workers_stop_spinning_when_the_load_stops() {
+    for line in ["busy_poll = \"200us\"", "busy_poll = \"0s\""] {
+        let b = backend("a").spawn().await;
+        let cfg = binary_config(|_| format!("worker_threads = 2\n{line}"), b.addr);
+        let mut child = run_binary(&[], &cfg.path);
+        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
+        let url = format!("http://127.0.0.1:{}/", cfg.port);
+        assert_eq!(load(&url, 16, 3000).await.len(), 3000, "{line}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Ten per cent of one core over two seconds, in USER_HZ (100 on Linux) ticks.
+        let limit = 2 * 100 / 10;
+        let t0 = cpu_ticks(child.id());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let used = cpu_ticks(child.id()) - t0;
+        assert!(
+            used < limit,
+            "{line}: {used} ticks of CPU in 2 s idle (limit {limit})"
+        );
+        assert_eq!(load(&url, 2, 10).await, vec!["a"; 10], "{line}");
+        sigterm(&child);
+        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+        assert_eq!(status.code(), Some(0));
+    }
+}
