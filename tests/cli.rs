@@ -235,6 +235,25 @@ async fn per_core_workers_park_and_resume_idle_connections() {
     }
 }
 
+/// The binary with `server` in its `[server]` table, in front of one backend answering "a",
+/// ready: the backend, the config (its directory lives as long as it does), the process and
+/// the base URL (`http://127.0.0.1:PORT`).
+async fn binary_with(server: String) -> (TestBackend, BinaryConfig, std::process::Child, String) {
+    let b = backend("a").spawn().await;
+    let cfg = binary_config(|_| server, b.addr);
+    let child = run_binary(&[], &cfg.path);
+    wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
+    let base = format!("http://127.0.0.1:{}", cfg.port);
+    (b, cfg, child, base)
+}
+
+/// SIGTERM, then a clean exit within ten seconds.
+async fn stop_binary(mut child: std::process::Child) {
+    sigterm(&child);
+    let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
+    assert_eq!(status.code(), Some(0));
+}
+
 /// The binary's per-core workers send a turn's answers and backend requests in one io_uring
 /// submission (`batch_sends`, on by default; one `sendto` each where the kernel refuses
 /// io_uring, or with it off): with many clients at once, every answer still reaches its own
@@ -242,24 +261,16 @@ async fn per_core_workers_park_and_resume_idle_connections() {
 #[tokio::test]
 async fn per_core_workers_answer_every_client_with_sends_batched_or_not() {
     for batch in [true, false] {
-        let b = backend("a").spawn().await;
-        let cfg = binary_config(
-            |_| format!("worker_threads = 2\nbatch_sends = {batch}"),
-            b.addr,
-        );
-        let mut child = run_binary(&[], &cfg.path);
-        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
-        let url = format!("http://127.0.0.1:{}/", cfg.port);
-        let bodies = load(&url, 32, 2000).await;
+        let (b, _cfg, child, base) =
+            binary_with(format!("worker_threads = 2\nbatch_sends = {batch}")).await;
+        let bodies = load(&format!("{base}/"), 32, 2000).await;
         assert_eq!(bodies.len(), 2000, "batch_sends = {batch}");
         assert!(
             bodies.iter().all(|body| body == "a"),
             "batch_sends = {batch}"
         );
         assert_eq!(b.hits(), 2000, "batch_sends = {batch}");
-        sigterm(&child);
-        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
-        assert_eq!(status.code(), Some(0));
+        stop_binary(child).await;
     }
 }
 
@@ -269,11 +280,7 @@ async fn per_core_workers_answer_every_client_with_sends_batched_or_not() {
 /// each client's requests in turn.
 #[tokio::test]
 async fn per_core_workers_carry_messages_larger_than_one_read() {
-    let b = backend("a").spawn().await;
-    let cfg = binary_config(|_| "worker_threads = 2".to_string(), b.addr);
-    let mut child = run_binary(&[], &cfg.path);
-    wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
-    let base = format!("http://127.0.0.1:{}", cfg.port);
+    let (b, _cfg, child, base) = binary_with("worker_threads = 2".to_string()).await;
     let filler = "f".repeat(20 * 1024);
     let mut clients = Vec::new();
     for c in 0..8 {
@@ -314,9 +321,7 @@ async fn per_core_workers_carry_messages_larger_than_one_read() {
             .unwrap();
     }
     assert_eq!(b.hits(), 8 * 5 * 3);
-    sigterm(&child);
-    let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
-    assert_eq!(status.code(), Some(0));
+    stop_binary(child).await;
 }
 
 /// Sends `req` on `client` (keep-alive), asserts a 200 and returns the whole body.
@@ -388,16 +393,12 @@ async fn per_core_workers_are_pinned_to_their_cpus_when_one_per_cpu() {
         cases.push((String::new(), n - 1, vec![allowed.clone(); n - 1]));
     }
     for (line, threads, expected) in cases {
-        let b = backend("a").spawn().await;
-        let cfg = binary_config(|_| format!("worker_threads = {threads}\n{line}"), b.addr);
-        let mut child = run_binary(&[], &cfg.path);
-        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
-        let url = format!("http://127.0.0.1:{}/", cfg.port);
+        let (_b, _cfg, child, base) =
+            binary_with(format!("worker_threads = {threads}\n{line}")).await;
+        let url = format!("{base}/");
         assert_eq!(load(&url, 4, 40).await.len(), 40, "{line:?} x{threads}");
         assert_eq!(worker_cpus(child.id()), expected, "{line:?} x{threads}");
-        sigterm(&child);
-        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
-        assert_eq!(status.code(), Some(0));
+        stop_binary(child).await;
     }
 }
 
@@ -417,11 +418,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test]
 async fn per_core_workers_stop_spinning_when_the_load_stops() {
     for line in ["busy_poll = \"200us\"", "busy_poll = \"0s\""] {
-        let b = backend("a").spawn().await;
-        let cfg = binary_config(|_| format!("worker_threads = 2\n{line}"), b.addr);
-        let mut child = run_binary(&[], &cfg.path);
-        wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
-        let url = format!("http://127.0.0.1:{}/", cfg.port);
+        let (_b, _cfg, child, base) = binary_with(format!("worker_threads = 2\n{line}")).await;
+        let url = format!("{base}/");
         assert_eq!(load(&url, 16, 3000).await.len(), 3000, "{line}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         // Ten per cent of one core over two seconds, in USER_HZ (100 on Linux) ticks.
@@ -434,8 +432,6 @@ async fn per_core_workers_stop_spinning_when_the_load_stops() {
             "{line}: {used} ticks of CPU in 2 s idle (limit {limit})"
         );
         assert_eq!(load(&url, 2, 10).await, vec!["a"; 10], "{line}");
-        sigterm(&child);
-        let status = exited(&mut child, Duration::from_secs(10), "fulcrum did not exit").await;
-        assert_eq!(status.code(), Some(0));
+        stop_binary(child).await;
     }
 }
