@@ -171,17 +171,21 @@ pub fn start(n: usize, server: &fulcrum_config::ServerConfig) -> std::io::Result
                         tracing::warn!(worker = i, cpu, "cannot pin the worker; it runs unpinned");
                     }
                 }
-                let before = crate::spin::epoll_fds();
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .event_interval(EVENT_INTERVAL)
-                    .on_thread_park(crate::spin::before_park)
-                    .on_thread_unpark(crate::spin::after_unpark)
-                    .build()
-                {
+                let mut builder = tokio::runtime::Builder::new_current_thread();
+                builder.enable_all().event_interval(EVENT_INTERVAL);
+                // With busy_poll off, neither the descriptor scan nor the park hooks.
+                let spin = !busy_poll.is_zero();
+                let before = if spin {
+                    builder
+                        .on_thread_park(crate::spin::before_park)
+                        .on_thread_unpark(crate::spin::after_unpark);
+                    crate::spin::epoll_fds()
+                } else {
+                    Default::default()
+                };
+                let rt = match builder.build() {
                     Ok(rt) => {
-                        if !busy_poll.is_zero()
-                            && !crate::spin::arm(&before, &crate::spin::epoll_fds(), busy_poll)
+                        if spin && !crate::spin::arm(&before, &crate::spin::epoll_fds(), busy_poll)
                         {
                             tracing::info!(
                                 worker = i,
