@@ -55,4 +55,13 @@ if [[ $REPS -gt 1 ]]; then
             END { runs = ""; for (i = 1; i <= n; i++) runs = runs " " p99[i]
                   printf "%-12s %9.3f %9.3f %9.3f  %s\n", c, med(p50, n), med(p99, n), med(p999, n), runs }' "$OUT/rows.txt"
     done
+    # Paired: the cases of one round share the machine's minute, so compare within rounds.
+    first=${LIST[0]}
+    awk -v n="${#LIST[@]}" -v first="$first" '
+        { r = int((NR - 1) / n); p99[r, $1] = $5; seen[$1] = 1; rounds = r + 1 }
+        END { line = "round by round, rounds where " first "'"'"'s p99 is at or below:"
+              for (c in seen) if (c != first) { k = 0
+                  for (r = 0; r < rounds; r++) k += (p99[r, first] <= p99[r, c])
+                  line = line sprintf(" %s %d of %d;", c, k, rounds) }
+              print line }' "$OUT/rows.txt"
 fi

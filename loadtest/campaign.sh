@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Several anchors runs in a row, fulcrum's place in the case order rotating from run to run,
+# and issue 10's ratios computed inside each run (never across runs), then their median and
+# how many runs meet each target. One anchors run on this machine moves +-10 % between
+# repetitions; this is the protocol that shows which side of a line a ratio sits on.
+#   loadtest/campaign.sh                        # 4 runs, two threads then one, each run
+#   RUNS=6 THREADS="2" loadtest/campaign.sh     # six two-thread runs
+#   FULCRUM=/tmp/fulcrum-old loadtest/campaign.sh
+#   REPORT_ONLY=1 OUT=/tmp/fulcrum-campaign.XXXX loadtest/campaign.sh   # the tables again
+# Each run is loadtest/anchors.sh (so ../shared/bench/anchors.sh, REPS=2 of 10 s by default)
+# with CASES = nginx-wN haproxy-tN and fulcrum, rotated. Raw rows stay in $OUT/tN-rK/.
+# Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=${RUNS:-4}
+THREADS=${THREADS:-"2 1"}
+OUT=${OUT:-$(mktemp -d /tmp/fulcrum-campaign.XXXXXX)}
+if [[ -n ${REPORT_ONLY:-} ]]; then
+    RUNS=0
+elif [[ -z ${FULCRUM:-} ]]; then
+    cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
+    FULCRUM=$ROOT/target/release/fulcrum
+fi
+export FULCRUM=${FULCRUM:-}
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+mkdir -p "$OUT"
+log "campaign: $RUNS run(s) per thread count ($THREADS), raw rows under $OUT"
+
+for r in $(seq 1 "$RUNS"); do
+    for t in $THREADS; do
+        list=("nginx-w$t" "haproxy-t$t" custom)
+        k=$(( (r - 1) % 3 ))
+        cases="${list[*]:$k} ${list[*]:0:$k}"
+        log "run $r, $t thread(s), order: $cases"
+        OUT_DIR="$OUT/t$t-r$r" CASES="$cases" FULCRUM_THREADS=$t \
+            "$ROOT/loadtest/anchors.sh" > "$OUT/t$t-r$r.log" 2>&1 \
+            || { log "run $r t$t failed: $OUT/t$t-r$r.log"; tail -20 "$OUT/t$t-r$r.log" >&2; exit 1; }
+    done
+done
+
+# Every run's raw rows in one file, the run first.
+first=$(ls "$OUT"/t*-r*/results.tsv | head -1)
+{ printf 'run\t'; head -1 "$first"
+  for f in "$OUT"/t*-r*/results.tsv; do
+      tail -n +2 "$f" | sed "s/^/$(basename "$(dirname "$f")")\t/"
+  done; } > "$OUT/rows.tsv"
+
+# One line per run, tool and thread count: the mean over that run's repetitions of each case
+# (cpu µs/req = mean cpu% / mean req/s, as anchors.sh computes it), then the ratios.
+for f in "$OUT"/t*-r*/results.tsv; do
+    run=$(basename "$(dirname "$f")")
+    t=${run%%-*}; t=${t#t}
+    awk -F'\t' -v run="$run" -v t="$t" 'NR > 1 {
+        c = ($2 == "haproxy-t" t ? "haproxy" : $2 == "nginx-w" t ? "nginx" : $2 ~ /^fulcrum/ ? "fulcrum" : "")
+        if (c == "") next
+        k = c SUBSEP $3; n[k]++; rps[k] += $4; cpu[k] += $8; p99[k] += $6; tools[$3] = 1
+      }
+      END {
+        for (t in tools) {
+          split("fulcrum haproxy nginx", cs, " ")
+          ok = 1
+          for (i in cs) { k = cs[i] SUBSEP t; if (!(k in n)) ok = 0
+            else { r[cs[i]] = rps[k] / n[k]; u[cs[i]] = (cpu[k] / n[k]) / 100 * 1e6 / r[cs[i]] } }
+          if (!ok) continue
+          printf "%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%.3f\n", run, t,
+            r["fulcrum"], r["haproxy"], r["nginx"], u["fulcrum"], u["haproxy"], u["nginx"],
+            u["fulcrum"] / u["haproxy"], r["fulcrum"] / r["haproxy"], r["fulcrum"] / r["nginx"],
+            u["fulcrum"] / u["nginx"]
+        }
+      }' "$f"
+done | sort -t$'\t' -k1,1 -k2,2 > "$OUT/ratios.tsv"
+
+echo "== per run: req/s and cpu µs/req (fulcrum / HAProxy / nginx), then the ratios =="
+printf '%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n' run tool f_rps h_rps n_rps \
+    f_us h_us n_us cpu/hap thr/hap thr/ngx cpu/ngx
+awk -F'\t' '{ printf "%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 }' "$OUT/ratios.tsv"
+echo
+echo "== median per cell over the runs, and runs meeting each target =="
+printf '%-4s %-4s %20s %20s %20s\n' thr tool "cpu/HAProxy (<=1.0)" "thr/HAProxy (>=1.0)" "thr/nginx (>=1.1)"
+for t in $THREADS; do
+    for tool in wrk oha; do
+        rows=$(awk -F'\t' -v t="t$t" -v tool="$tool" 'index($1, t "-") == 1 && $2 == tool' "$OUT/ratios.tsv")
+        [[ -n $rows ]] || continue
+        cell() {  # column, comparison, line: "median (runs meeting the line of runs)"
+            local vals med met n
+            vals=$(echo "$rows" | cut -f"$1" | sort -g)
+            n=$(echo "$vals" | wc -l)
+            med=$(echo "$vals" | awk -v n="$n" '{ v[NR] = $1 }
+                END { printf "%.3f", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }')
+            met=$(echo "$vals" | awk -v op="$2" -v line="$3" '{ m += (op == "le" ? $1 <= line : $1 >= line) } END { print m + 0 }')
+            echo "$med ($met of $n)"
+        }
+        printf '%-4s %-4s %20s %20s %20s\n' "t$t" "$tool" "$(cell 9 le 1.0)" "$(cell 10 ge 1.0)" "$(cell 11 ge 1.1)"
+    done
+done
+echo
+echo "raw: $OUT/ratios.tsv, every row in $OUT/rows.tsv"
