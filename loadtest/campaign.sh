@@ -39,36 +39,39 @@ for r in $(seq 1 "$RUNS"); do
 done
 
 # Every run's raw rows in one file, the run first.
-first=$(ls "$OUT"/t*-r*/results.tsv | head -1)
+shopt -s nullglob
+runs=("$OUT"/t*-r*/results.tsv)
+[[ ${#runs[@]} -gt 0 ]] || { echo "no runs under $OUT (OUT= a campaign's directory)" >&2; exit 2; }
+first=${runs[0]}
 { printf 'run\t'; head -1 "$first"
-  for f in "$OUT"/t*-r*/results.tsv; do
+  for f in "${runs[@]}"; do
       tail -n +2 "$f" | sed "s/^/$(basename "$(dirname "$f")")\t/"
   done; } > "$OUT/rows.tsv"
 
 # One line per run, tool and thread count: the mean over that run's repetitions of each case
 # (cpu µs/req = mean cpu% / mean req/s, as anchors.sh computes it), then the ratios.
-for f in "$OUT"/t*-r*/results.tsv; do
+for f in "${runs[@]}"; do
     run=$(basename "$(dirname "$f")")
     t=${run%%-*}; t=${t#t}
     awk -F'\t' -v run="$run" -v t="$t" 'NR > 1 {
         c = ($2 == "haproxy-t" t ? "haproxy" : $2 == "nginx-w" t ? "nginx" : $2 ~ /^fulcrum/ ? "fulcrum" : "")
         if (c == "") next
-        k = c SUBSEP $3; n[k]++; rps[k] += $4; cpu[k] += $8; p99[k] += $6; tools[$3] = 1
+        k = c SUBSEP $3; n[k]++; rps[k] += $4; cpu[k] += $8; tools[$3] = 1
       }
       END {
-        for (t in tools) {
+        for (tool in tools) {
           split("fulcrum haproxy nginx", cs, " ")
           ok = 1
-          for (i in cs) { k = cs[i] SUBSEP t; if (!(k in n)) ok = 0
+          for (i in cs) { k = cs[i] SUBSEP tool; if (!(k in n)) ok = 0
             else { r[cs[i]] = rps[k] / n[k]; u[cs[i]] = (cpu[k] / n[k]) / 100 * 1e6 / r[cs[i]] } }
           if (!ok) continue
-          printf "%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%.3f\n", run, t,
+          printf "%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%.3f\n", run, tool,
             r["fulcrum"], r["haproxy"], r["nginx"], u["fulcrum"], u["haproxy"], u["nginx"],
             u["fulcrum"] / u["haproxy"], r["fulcrum"] / r["haproxy"], r["fulcrum"] / r["nginx"],
             u["fulcrum"] / u["nginx"]
         }
       }' "$f"
-done | sort -t$'\t' -k1,1 -k2,2 > "$OUT/ratios.tsv"
+done | sort -t$'\t' -k1,1V -k2,2 > "$OUT/ratios.tsv"
 
 echo "== per run: req/s and cpu µs/req (fulcrum / HAProxy / nginx), then the ratios =="
 printf '%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n' run tool f_rps h_rps n_rps \
