@@ -10,19 +10,15 @@
 # Each run is loadtest/anchors.sh (so ../shared/bench/anchors.sh, REPS=2 of 10 s by default)
 # with CASES = nginx-wN haproxy-tN and fulcrum, rotated. Raw rows stay in $OUT/tN-rK/.
 # Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
-set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-4}
 THREADS=${THREADS:-"2 1"}
-OUT=${OUT:-$(mktemp -d /tmp/fulcrum-campaign.XXXXXX)}
 if [[ -n ${REPORT_ONLY:-} ]]; then
     RUNS=0
-elif [[ -z ${FULCRUM:-} ]]; then
-    cargo build --release --locked --manifest-path "$ROOT/Cargo.toml" >&2
-    FULCRUM=$ROOT/target/release/fulcrum
+else
+    build
 fi
-export FULCRUM=${FULCRUM:-}
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+export FULCRUM
 mkdir -p "$OUT"
 log "campaign: $RUNS run(s) per thread count ($THREADS), raw rows under $OUT"
 
@@ -79,21 +75,23 @@ printf '%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n' run tool f_rps h_rp
 awk -F'\t' '{ printf "%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 }' "$OUT/ratios.tsv"
 echo
 echo "== median per cell over the runs, and runs meeting each target =="
+# cell ROWS COLUMN le|ge LINE: "median (runs meeting the line of runs)" of one column.
+cell() {
+    local vals med met n
+    vals=$(echo "$1" | cut -f"$2" | sort -g)
+    n=$(echo "$vals" | wc -l)
+    med=$(echo "$vals" | awk -v n="$n" '{ v[NR] = $1 }
+        END { printf "%.3f", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }')
+    met=$(echo "$vals" | awk -v op="$3" -v line="$4" '{ m += (op == "le" ? $1 <= line : $1 >= line) } END { print m + 0 }')
+    echo "$med ($met of $n)"
+}
 printf '%-4s %-4s %20s %20s %20s\n' thr tool "cpu/HAProxy (<=1.0)" "thr/HAProxy (>=1.0)" "thr/nginx (>=1.1)"
 for t in $THREADS; do
     for tool in wrk oha; do
         rows=$(awk -F'\t' -v t="t$t" -v tool="$tool" 'index($1, t "-") == 1 && $2 == tool' "$OUT/ratios.tsv")
         [[ -n $rows ]] || continue
-        cell() {  # column, comparison, line: "median (runs meeting the line of runs)"
-            local vals med met n
-            vals=$(echo "$rows" | cut -f"$1" | sort -g)
-            n=$(echo "$vals" | wc -l)
-            med=$(echo "$vals" | awk -v n="$n" '{ v[NR] = $1 }
-                END { printf "%.3f", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2) }')
-            met=$(echo "$vals" | awk -v op="$2" -v line="$3" '{ m += (op == "le" ? $1 <= line : $1 >= line) } END { print m + 0 }')
-            echo "$med ($met of $n)"
-        }
-        printf '%-4s %-4s %20s %20s %20s\n' "t$t" "$tool" "$(cell 9 le 1.0)" "$(cell 10 ge 1.0)" "$(cell 11 ge 1.1)"
+        printf '%-4s %-4s %20s %20s %20s\n' "t$t" "$tool" "$(cell "$rows" 9 le 1.0)" \
+            "$(cell "$rows" 10 ge 1.0)" "$(cell "$rows" 11 ge 1.1)"
     done
 done
 echo
