@@ -4,11 +4,13 @@
 # warms it with wrk for 2 s, loads it with oha (or wrk) for D seconds, and reports req/s and
 # the CPU time per request of the proxy, the backend, the load generator and what the machine
 # left idle (from /proc: each process's ticks, /proc/stat's idle; the generator's from
-# /usr/bin/time). Then the mean per case over the rounds.
+# /usr/bin/time), cross-core wake-ups, context switches and TCP segments sent (from
+# /proc/net/snmp; 4 a request is the floor through a proxy) per request. Then the mean per
+# case over the rounds. Even rounds run the cases in reverse order.
 #   CASES="before=/tmp/fulcrum-old after=target/release/fulcrum" loadtest/ab.sh
 #   CASES="on=target/release/fulcrum off=target/release/fulcrum;batch_sends=false" \
 #       TOOL=wrk ROUNDS=6 D=8 loadtest/ab.sh
-#   CASES="fulcrum=target/release/fulcrum nginx-w2=-" loadtest/ab.sh   # nginx-wN: the anchor
+#   CASES="fulcrum=target/release/fulcrum nginx-w2=- haproxy-t2=-" loadtest/ab.sh   # anchors
 #   RATE=12000 CASES=... loadtest/ab.sh       # oha at a fixed rate instead of flat out
 # A case is NAME=BINARY, then ;-separated lines added to fulcrum's [server] table (from
 # loadtest/anchors.toml with worker_threads = T, default 2). Needs ../shared/bench/install.sh
@@ -21,11 +23,17 @@ idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
 # wake-ups that cross cores (rescheduling and function-call interrupts) and context switches
 ipis() { awk '$1 == "RES:" || $1 == "CAL:" {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n}' /proc/interrupts; }
 switches() { awk '$1 == "ctxt" {print $2}' /proc/stat; }
+# TCP segments sent on the whole machine (loopback: every one is also received): the ideal is
+# 4 a request through a proxy (request and response on each side, acks riding on data)
+segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]/ {print $12}' /proc/net/snmp; }
 
 for r in $(seq "$ROUNDS"); do
-    for c in $CASES; do
+    # Even rounds take the cases in reverse order, so no case always runs first or last.
+    order=$CASES
+    ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
+    for c in $order; do
         name=${c%%=*}; rest=${c#*=}
-        if [[ $name == nginx-w* ]]; then
+        if [[ $name == nginx-w* || $name == haproxy-t* ]]; then
             start_proxy "$name"
         else
             extra=""
@@ -34,7 +42,7 @@ for r in $(seq "$ROUNDS"); do
         fi
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         f0=$(cpu_ticks "$CASE_PID"); b0=$(cpu_ticks "$BACKEND_PID"); i0=$(idle_ticks)
-        q0=$(ipis); s0=$(switches)
+        q0=$(ipis); s0=$(switches); g0=$(segments)
         if [[ $TOOL == oha ]]; then
             /usr/bin/time -f "%U %S" -o "$OUT/time.txt" timeout $((D + 30)) \
                 oha -z "${D}s" -c 64 ${RATE:+-q "$RATE"} --no-tui --output-format json "$CASE_URL" \
@@ -46,17 +54,17 @@ for r in $(seq "$ROUNDS"); do
             rps=$(awk '/Requests\/sec/{print $2}' "$OUT/out.txt")
         fi
         f1=$(cpu_ticks "$CASE_PID"); b1=$(cpu_ticks "$BACKEND_PID"); i1=$(idle_ticks)
-        q1=$(ipis); s1=$(switches)
+        q1=$(ipis); s1=$(switches); g1=$(segments)
         stop_proxy
         gen=$(awk '{print $1 + $2}' "$OUT/time.txt")
         python3 - "$name" "$rps" "$D" $((f1 - f0)) $((b1 - b0)) $((i1 - i0)) "$gen" "$(getconf CLK_TCK)" \
-            $((q1 - q0)) $((s1 - s0)) <<'PY'
+            $((q1 - q0)) $((s1 - s0)) $((g1 - g0)) <<'PY'
 import sys
-name, rps, d, f, b, i, gen, hz, q, s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), *map(float, sys.argv[4:])
+name, rps, d, f, b, i, gen, hz, q, s, g = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), *map(float, sys.argv[4:])
 req = rps * d
 us = lambda t: t / hz * 1e6 / req
 print(f"{name}\t{rps:.0f}\tproxy {us(f):.2f}\tbackend {us(b):.2f}\tgen {gen * 1e6 / req:.2f}\tidle {us(i):.2f}"
-      f"\tipi {q / req:.3f}\tcs {s / req:.3f}", flush=True)
+      f"\tipi {q / req:.3f}\tcs {s / req:.3f}\tsegs {g / req:.3f}", flush=True)
 PY
     done
 done | tee "$OUT/rounds.tsv"
@@ -70,5 +78,12 @@ for line in open(sys.argv[1]):
 for k, v in d.items():
     m = [sum(c) / len(c) for c in zip(*v)]
     print(f"{k:12s} {m[0]:8.0f} req/s  proxy {m[1]:6.2f}  backend {m[2]:6.2f}  gen {m[3]:6.2f}  idle {m[4]:6.2f}"
-          f"  ipi {m[5]:5.3f}  cs {m[6]:5.3f}")
+          f"  ipi {m[5]:5.3f}  cs {m[6]:5.3f}  segs {m[7]:5.3f}")
+# The machine's speed drifts by tens of per cent from one minute to the next (every process's
+# CPU time stays put while all their costs per request move together), so a mean can hide
+# which case was ahead when both ran in the same minute: count the rounds.
+names = list(d)
+for other in names[1:]:
+    ahead = sum(a[0] > b[0] for a, b in zip(d[names[0]], d[other]))
+    print(f"{names[0]} moved more requests than {other} in {ahead} of {len(d[other])} rounds")
 PY
