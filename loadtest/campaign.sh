@@ -7,13 +7,15 @@
 #   RUNS=6 THREADS="2" loadtest/campaign.sh     # six two-thread runs
 #   FULCRUM=/tmp/fulcrum-old loadtest/campaign.sh
 #   REPORT_ONLY=1 OUT=/tmp/fulcrum-campaign.XXXX loadtest/campaign.sh   # the tables again
+#   ROWS="results/a-rows.tsv results/b-rows.tsv" loadtest/campaign.sh   # several campaigns'
+#       committed rows.tsv pooled (runs renamed tN-rK.cI, I the file's place), no new runs
 # Each run is loadtest/anchors.sh (so ../shared/bench/anchors.sh, REPS=2 of 10 s by default)
 # with CASES = nginx-wN haproxy-tN and fulcrum, rotated. Raw rows stay in $OUT/tN-rK/.
 # Needs ../shared/bench/install.sh once (wrk, oha, nginx, haproxy). Loopback only.
 source "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-4}
 THREADS=${THREADS:-"2 1"}
-if [[ -n ${REPORT_ONLY:-} ]]; then
+if [[ -n ${REPORT_ONLY:-}${ROWS:-} ]]; then
     RUNS=0
 else
     build
@@ -34,40 +36,50 @@ for r in $(seq 1 "$RUNS"); do
     done
 done
 
-# Every run's raw rows in one file, the run first.
+# Every run's raw rows in one file, the run first: this campaign's runs, or with ROWS the
+# rows files of several (each run renamed tN-rK.cI when there is more than one file).
 shopt -s nullglob
-runs=("$OUT"/t*-r*/results.tsv)
-[[ ${#runs[@]} -gt 0 ]] || { echo "no runs under $OUT (OUT= a campaign's directory)" >&2; exit 2; }
-first=${runs[0]}
-{ printf 'run\t'; head -1 "$first"
-  for f in "${runs[@]}"; do
-      tail -n +2 "$f" | sed "s/^/$(basename "$(dirname "$f")")\t/"
-  done; } > "$OUT/rows.tsv"
+if [[ -n ${ROWS:-} ]]; then
+    read -ra files <<< "$ROWS"
+    { head -1 "${files[0]}"
+      i=0
+      for f in "${files[@]}"; do
+          i=$((i + 1))
+          tail -n +2 "$f" | awk -F'\t' -v OFS='\t' -v i="$i" -v n="${#files[@]}" \
+              '{ if (n > 1) $1 = $1 ".c" i; print }'
+      done; } > "$OUT/rows.tsv"
+    THREADS=$(tail -n +2 "$OUT/rows.tsv" | cut -f1 | sed 's/-.*//; s/^t//' | sort -rn | uniq | tr '\n' ' ')
+else
+    runs=("$OUT"/t*-r*/results.tsv)
+    [[ ${#runs[@]} -gt 0 ]] || { echo "no runs under $OUT (OUT= a campaign's directory)" >&2; exit 2; }
+    { printf 'run\t'; head -1 "${runs[0]}"
+      for f in "${runs[@]}"; do
+          tail -n +2 "$f" | sed "s/^/$(basename "$(dirname "$f")")\t/"
+      done; } > "$OUT/rows.tsv"
+fi
 
 # One line per run, tool and thread count: the mean over that run's repetitions of each case
 # (cpu µs/req = mean cpu% / mean req/s, as anchors.sh computes it), then the ratios.
-for f in "${runs[@]}"; do
-    run=$(basename "$(dirname "$f")")
-    t=${run%%-*}; t=${t#t}
-    awk -F'\t' -v run="$run" -v t="$t" 'NR > 1 {
-        c = ($2 == "haproxy-t" t ? "haproxy" : $2 == "nginx-w" t ? "nginx" : $2 ~ /^fulcrum/ ? "fulcrum" : "")
-        if (c == "") next
-        k = c SUBSEP $3; n[k]++; rps[k] += $4; cpu[k] += $8; tools[$3] = 1
-      }
-      END {
-        for (tool in tools) {
-          split("fulcrum haproxy nginx", cs, " ")
-          ok = 1
-          for (i in cs) { k = cs[i] SUBSEP tool; if (!(k in n)) ok = 0
-            else { r[cs[i]] = rps[k] / n[k]; u[cs[i]] = (cpu[k] / n[k]) / 100 * 1e6 / r[cs[i]] } }
-          if (!ok) continue
-          printf "%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%.3f\n", run, tool,
-            r["fulcrum"], r["haproxy"], r["nginx"], u["fulcrum"], u["haproxy"], u["nginx"],
-            u["fulcrum"] / u["haproxy"], r["fulcrum"] / r["haproxy"], r["fulcrum"] / r["nginx"],
-            u["fulcrum"] / u["nginx"]
-        }
-      }' "$f"
-done | sort -t$'\t' -k1,1V -k2,2 > "$OUT/ratios.tsv"
+awk -F'\t' 'NR > 1 {
+    t = $1; sub(/-.*/, "", t); sub(/^t/, "", t)
+    c = ($3 == "haproxy-t" t ? "haproxy" : $3 == "nginx-w" t ? "nginx" : $3 ~ /^fulcrum/ ? "fulcrum" : "")
+    if (c == "") next
+    k = $1 SUBSEP $4 SUBSEP c; n[k]++; rps[k] += $5; cpu[k] += $9; cells[$1 SUBSEP $4] = 1
+  }
+  END {
+    split("fulcrum haproxy nginx", cs, " ")
+    for (cell in cells) {
+      split(cell, rt, SUBSEP)
+      ok = 1
+      for (i in cs) { k = cell SUBSEP cs[i]; if (!(k in n)) ok = 0
+        else { r[cs[i]] = rps[k] / n[k]; u[cs[i]] = (cpu[k] / n[k]) / 100 * 1e6 / r[cs[i]] } }
+      if (!ok) continue
+      printf "%s\t%s\t%.0f\t%.0f\t%.0f\t%.1f\t%.1f\t%.1f\t%.3f\t%.3f\t%.3f\t%.3f\n", rt[1], rt[2],
+        r["fulcrum"], r["haproxy"], r["nginx"], u["fulcrum"], u["haproxy"], u["nginx"],
+        u["fulcrum"] / u["haproxy"], r["fulcrum"] / r["haproxy"], r["fulcrum"] / r["nginx"],
+        u["fulcrum"] / u["nginx"]
+    }
+  }' "$OUT/rows.tsv" | sort -t$'\t' -k1,1V -k2,2 > "$OUT/ratios.tsv"
 
 echo "== per run: req/s and cpu µs/req (fulcrum / HAProxy / nginx), then the ratios =="
 printf '%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n' run tool f_rps h_rps n_rps \
