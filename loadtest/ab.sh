@@ -3,10 +3,13 @@
 # each round starts every case in turn on the anchors' backends (lib.sh's start_backends),
 # warms it with wrk for 2 s, loads it with oha (or wrk) for D seconds, and reports req/s and
 # the CPU time per request of the proxy, the backend, the load generator and what the machine
-# left idle (from /proc: each process's ticks, /proc/stat's idle; the generator's from
-# /usr/bin/time), cross-core wake-ups, context switches and TCP segments sent (from
-# /proc/net/snmp; 4 a request is the floor through a proxy) per request. Then the mean per
-# case over the rounds. Even rounds run the cases in reverse order.
+# left idle (the proxy's and backend's from the scheduler's clock, /proc/PID/task/*/schedstat;
+# /proc/stat's idle; the generator's from /usr/bin/time), cross-core wake-ups, context
+# switches and TCP segments sent (from /proc/net/snmp; 4 a request is the floor through a
+# proxy) per request. Then the mean per case over the rounds, and how many rounds the first
+# case moved more requests than each other one (with a sign test's p: this machine's speed
+# drifts more between rounds than most changes move it). Even rounds run the cases in
+# reverse order.
 #   CASES="before=/tmp/fulcrum-old after=target/release/fulcrum" loadtest/ab.sh
 #   CASES="on=target/release/fulcrum off=target/release/fulcrum;batch_sends=false" \
 #       TOOL=wrk ROUNDS=6 D=8 loadtest/ab.sh
@@ -27,7 +30,10 @@ switches() { awk '$1 == "ctxt" {print $2}' /proc/stat; }
 # 4 a request through a proxy (request and response on each side, acks riding on data)
 segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]/ {print $12}' /proc/net/snmp; }
 
+# The rounds run in a pipeline's subshell, which does not inherit the EXIT trap: it stops
+# what it started itself if it fails half-way.
 for r in $(seq "$ROUNDS"); do
+    trap cleanup EXIT
     # Even rounds take the cases in reverse order, so no case always runs first or last.
     order=$CASES
     ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
@@ -41,7 +47,7 @@ for r in $(seq "$ROUNDS"); do
             FULCRUM=${rest%%;*} FULCRUM_SERVER=${extra//;/\\n} start_proxy "fulcrum-t$T"
         fi
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
-        f0=$(cpu_ticks "$CASE_PID"); b0=$(cpu_ticks "$BACKEND_PID"); i0=$(idle_ticks)
+        f0=$(cpu_ns "$CASE_PID"); b0=$(cpu_ns "$BACKEND_PID"); i0=$(idle_ticks)
         q0=$(ipis); s0=$(switches); g0=$(segments)
         if [[ $TOOL == oha ]]; then
             /usr/bin/time -f "%U %S" -o "$OUT/time.txt" timeout $((D + 30)) \
@@ -53,7 +59,7 @@ for r in $(seq "$ROUNDS"); do
                 wrk -t2 -c64 -d"${D}s" "$CASE_URL" > "$OUT/out.txt"
             rps=$(awk '/Requests\/sec/{print $2}' "$OUT/out.txt")
         fi
-        f1=$(cpu_ticks "$CASE_PID"); b1=$(cpu_ticks "$BACKEND_PID"); i1=$(idle_ticks)
+        f1=$(cpu_ns "$CASE_PID"); b1=$(cpu_ns "$BACKEND_PID"); i1=$(idle_ticks)
         q1=$(ipis); s1=$(switches); g1=$(segments)
         stop_proxy
         gen=$(awk '{print $1 + $2}' "$OUT/time.txt")
@@ -63,14 +69,15 @@ import sys
 name, rps, d, f, b, i, gen, hz, q, s, g = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), *map(float, sys.argv[4:])
 req = rps * d
 us = lambda t: t / hz * 1e6 / req
-print(f"{name}\t{rps:.0f}\tproxy {us(f):.2f}\tbackend {us(b):.2f}\tgen {gen * 1e6 / req:.2f}\tidle {us(i):.2f}"
+ns = lambda t: t / 1e3 / req
+print(f"{name}\t{rps:.0f}\tproxy {ns(f):.2f}\tbackend {ns(b):.2f}\tgen {gen * 1e6 / req:.2f}\tidle {us(i):.2f}"
       f"\tipi {q / req:.3f}\tcs {s / req:.3f}\tsegs {g / req:.3f}", flush=True)
 PY
     done
 done | tee "$OUT/rounds.tsv"
 echo "== mean over $ROUNDS round(s), CPU in µs per request ($TOOL)"
 python3 - "$OUT/rounds.tsv" <<'PY'
-import sys, collections
+import sys, collections, math
 d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     p = line.rstrip("\n").split("\t")
@@ -85,5 +92,9 @@ for k, v in d.items():
 names = list(d)
 for other in names[1:]:
     ahead = sum(a[0] > b[0] for a, b in zip(d[names[0]], d[other]))
-    print(f"{names[0]} moved more requests than {other} in {ahead} of {len(d[other])} rounds")
+    n = min(len(d[names[0]]), len(d[other]))
+    # Two-sided sign test: how likely a split at least this uneven is if neither is faster.
+    k = min(ahead, n - ahead)
+    p = min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n)
+    print(f"{names[0]} moved more requests than {other} in {ahead} of {n} rounds (sign test p = {p:.2f})")
 PY

@@ -96,6 +96,8 @@ start_proxy() {
     esac
     CASE_PID=$LAST_PID
     wait_http "$CASE_URL"
+    # An answer from a process left over on the port would otherwise pass for this one's.
+    kill -0 "$CASE_PID" 2>/dev/null || { echo "$c exited at start (port taken?)" >&2; return 1; }
 }
 
 # stop_proxy: stops the last started proxy (and waits for it to go)
@@ -111,6 +113,17 @@ rss_kib() {
     local p v t=0
     for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
         v=$(awk '/^VmRSS/ {print $2}' /proc/"$p"/status 2>/dev/null || true)
+        t=$((t + ${v:-0}))
+    done
+    echo $t
+}
+
+# cpu_ns PID: nanoseconds on a CPU of every thread of PID and of its children, from the
+# scheduler's own clock (/proc/.../schedstat), where cpu_ticks samples at the timer tick
+cpu_ns() {
+    local p t=0 v
+    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        v=$(cat /proc/"$p"/task/*/schedstat 2>/dev/null | awk '{n += $1} END {printf "%.0f\n", n}')
         t=$((t + ${v:-0}))
     done
     echo $t
