@@ -108,10 +108,15 @@ stop_proxy() {
     kill -KILL "$CASE_PID" 2>/dev/null || true
 }
 
+# proc_tree PID: PID and its children (an nginx master and its workers), as the sums below read them
+proc_tree() {
+    echo "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null)
+}
+
 # rss_kib PID: resident memory of PID and its children (nginx master + workers), KiB
 rss_kib() {
     local p v t=0
-    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    for p in $(proc_tree "$1"); do
         v=$(awk '/^VmRSS/ {print $2}' /proc/"$p"/status 2>/dev/null || true)
         t=$((t + ${v:-0}))
     done
@@ -122,7 +127,7 @@ rss_kib() {
 # scheduler's own clock (/proc/.../schedstat), where cpu_ticks samples at the timer tick
 cpu_ns() {
     local p t=0 v
-    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    for p in $(proc_tree "$1"); do
         v=$(cat /proc/"$p"/task/*/schedstat 2>/dev/null | awk '{n += $1} END {printf "%.0f\n", n}')
         t=$((t + ${v:-0}))
     done
@@ -132,7 +137,7 @@ cpu_ns() {
 # cpu_ticks PID: user+system clock ticks of PID and its children
 cpu_ticks() {
     local p v t=0
-    for p in $1 $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+    for p in $(proc_tree "$1"); do
         v=$(sed 's/.*) //' /proc/"$p"/stat 2>/dev/null | awk '{print $12 + $13}' || true)
         t=$((t + ${v:-0}))
     done
