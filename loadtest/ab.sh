@@ -38,14 +38,7 @@ for r in $(seq "$ROUNDS"); do
     order=$CASES
     ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
     for c in $order; do
-        name=${c%%=*}; rest=${c#*=}
-        if [[ $name == nginx-w* || $name == haproxy-t* ]]; then
-            start_proxy "$name"
-        else
-            extra=""
-            [[ $rest == *";"* ]] && extra=${rest#*;}
-            FULCRUM=${rest%%;*} FULCRUM_SERVER=${extra//;/\\n} start_proxy "fulcrum-t$T"
-        fi
+        start_case "$c"; name=$CASE_NAME
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         f0=$(cpu_ns "$CASE_PID"); b0=$(cpu_ns "$BACKEND_PID"); i0=$(idle_ticks)
         q0=$(ipis); s0=$(switches); g0=$(segments)

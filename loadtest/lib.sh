@@ -100,6 +100,21 @@ start_proxy() {
     kill -0 "$CASE_PID" 2>/dev/null || { echo "$c exited at start (port taken?)" >&2; return 1; }
 }
 
+# start_case SPEC: one case of ab.sh's or sched.sh's CASES, started with start_proxy: an
+# anchor or fulcrum by name (nginx-wN, haproxy-tN, fulcrum-tN; "=-" after it allowed), or
+# NAME=BINARY[;line;line...], that fulcrum binary with T worker threads (default 2) and the
+# lines added to its [server] table. Sets CASE_NAME besides start_proxy's CASE_URL, CASE_PID.
+start_case() {
+    local spec=$1 rest extra=""
+    CASE_NAME=${spec%%=*}; rest=${spec#*=}
+    if [[ $spec != *=* || $rest == - ]]; then
+        start_proxy "$CASE_NAME"
+    else
+        [[ $rest == *";"* ]] && extra=${rest#*;}
+        FULCRUM=${rest%%;*} FULCRUM_SERVER=${extra//;/\\n} start_proxy "fulcrum-t${T:-2}"
+    fi
+}
+
 # stop_proxy: stops the last started proxy (and waits for it to go)
 stop_proxy() {
     kill -TERM "$CASE_PID" 2>/dev/null || true

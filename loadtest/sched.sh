@@ -37,14 +37,7 @@ for r in $(seq "$ROUNDS"); do
     order=$CASES
     ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
     for c in $order; do
-        name=${c%%=*}; rest=${c#*=}
-        if [[ $c != *=* ]]; then
-            start_proxy "$c"
-        else
-            extra=""
-            [[ $rest == *";"* ]] && extra=${rest#*;}
-            FULCRUM=${rest%%;*} FULCRUM_SERVER=${extra//;/\\n} start_proxy "fulcrum-t$T"
-        fi
+        start_case "$c"; name=$CASE_NAME
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         oha -z "${D}s" -c 64 --no-tui --output-format json "$CASE_URL" > "$OUT/$name.json" 2>/dev/null &
         gen=$!
