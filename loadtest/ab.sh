@@ -34,10 +34,7 @@ segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]/ {print $12}' /proc/net/snmp; }
 # what it started itself if it fails half-way.
 for r in $(seq "$ROUNDS"); do
     trap cleanup EXIT
-    # Even rounds take the cases in reverse order, so no case always runs first or last.
-    order=$CASES
-    ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
-    for c in $order; do
+    for c in $(round_order "$r" "$CASES"); do
         start_case "$c"; name=$CASE_NAME
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         f0=$(cpu_ns "$CASE_PID"); b0=$(cpu_ns "$BACKEND_PID"); i0=$(idle_ticks)

@@ -115,6 +115,12 @@ start_case() {
     fi
 }
 
+# round_order ROUND CASES: the cases in the order round ROUND runs them, reversed in even
+# rounds so that no case always runs first or last
+round_order() {
+    if (($1 % 2)); then echo "$2"; else echo "$2" | tr ' ' '\n' | tac | tr '\n' ' '; fi
+}
+
 # stop_proxy: stops the last started proxy (and waits for it to go)
 stop_proxy() {
     kill -TERM "$CASE_PID" 2>/dev/null || true

@@ -36,9 +36,7 @@ pinned() {
 }
 
 for r in $(seq "$ROUNDS"); do
-    order=$CASES
-    ((r % 2)) || order=$(echo "$CASES" | tr ' ' '\n' | tac | tr '\n' ' ')
-    for c in $order; do
+    for c in $(round_order "$r" "$CASES"); do
         start_case "$c"; name=$CASE_NAME
         wrk -t1 -c64 -d2s "$CASE_URL" > /dev/null
         oha -z "${D}s" -c 64 --no-tui --output-format json "$CASE_URL" > "$OUT/$name.json" 2>/dev/null &
@@ -62,12 +60,11 @@ d = collections.defaultdict(lambda: collections.defaultdict(list))
 for line in open(sys.argv[1]):
     case, key, val = line.rstrip("\n").split("\t")
     d[case][key].append(float(val))
-keys = ["req/s", "idle", "idle: work waiting on another cpu", "idle: only pinned work waiting elsewhere",
-        "idle: nothing runnable",
-        "wait: proxy", "wait: backend", "wait: generator", "wait: other"]
-print("case".ljust(12) + "".join(k.replace("idle: ", "").replace("work waiting on another cpu", "bubble")
-                                 .replace("nothing runnable", "dry").replace("only pinned work waiting elsewhere", "pinned")
-                                 .rjust(16) for k in keys))
+columns = [("req/s", "req/s"), ("idle", "idle"), ("idle: work waiting on another cpu", "bubble"),
+           ("idle: only pinned work waiting elsewhere", "pinned"), ("idle: nothing runnable", "dry"),
+           ("wait: proxy", "wait: proxy"), ("wait: backend", "wait: backend"),
+           ("wait: generator", "wait: generator"), ("wait: other", "wait: other")]
+print("case".ljust(12) + "".join(label.rjust(16) for _, label in columns))
 for case, v in d.items():
-    print(case.ljust(12) + "".join(f"{sum(v[k]) / len(v[k]):16.2f}" if v[k] else "-".rjust(16) for k in keys))
+    print(case.ljust(12) + "".join(f"{sum(v[k]) / len(v[k]):16.2f}" if v[k] else "-".rjust(16) for k, _ in columns))
 PY
