@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Where the machine's idle time goes under load: per case (fulcrum or an anchor in front of
-# the anchors' backend), `oha -c 64` for D seconds, and for S seconds in the middle the
-# scheduler's own events on every CPU (`perf record -e sched:sched_switch,sched_wakeup,
-# sched_wakeup_new,sched_migrate_task -a`). loadtest/sched.py replays them into each CPU's run
-# queue and splits every instant a CPU sat idle by what the other CPUs held then: "bubble"
-# when a task that could have run here (woken onto a busy CPU, or preempted there) waited;
-# "pinned" when only tasks bound to another CPU waited (fulcrum's workers by default); "dry"
-# when nothing was runnable anywhere (the pipeline ran out of work). Also each party's time
-# runnable but not running a request (a spinning fulcrum worker that yields counts as
-# waiting). Tasks are told apart by PID (proxy, backend, generator), since the anchors' proxy
-# and backend are both nginx. perf adds its own switches; compare cases within one run.
-# Rounds alternate the order.
+# the anchors' backend), `oha -c 64` for D seconds, and for S seconds from 1.5 s in (D must
+# exceed 1.5 + S) the scheduler's own events on every CPU (`perf record -e
+# sched:sched_switch,sched_wakeup,sched_wakeup_new,sched_migrate_task -a`). loadtest/sched.py
+# replays them into each CPU's run queue and splits every instant a CPU sat idle by what the
+# other CPUs held then: "bubble" when a task that could have run here (woken onto a busy CPU,
+# or preempted there) waited; "pinned" when only tasks bound to another CPU waited (fulcrum's
+# workers by default); "dry" when nothing was runnable anywhere (the pipeline ran out of
+# work). Also each party's time runnable but not running a request (a spinning fulcrum worker
+# that yields counts as waiting). Tasks are told apart by PID (proxy, backend, generator),
+# since the anchors' proxy and backend are both nginx. perf adds its own switches; compare
+# cases within one run. Rounds alternate the order.
 #   loadtest/sched.sh
 #   CASES="fulcrum-t2 nginx-w2 haproxy-t2" ROUNDS=3 D=6 S=1.5 loadtest/sched.sh
 #   CASES="a=BIN b=BIN;busy_poll=\"0s\"" loadtest/sched.sh      # builds or settings, as ab.sh

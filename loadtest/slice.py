@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sets the scheduler slice (EEVDF's custom slice, `sched_setattr` with `sched_runtime` on a
-SCHED_OTHER thread; Linux 6.12 and later) of the given threads, and prints each thread's
-attributes after. 0 restores the kernel's default slice. An experiment's tool, not fulcrum's:
+SCHED_OTHER thread; Linux 6.12 and later) of the given threads, and prints each thread's slice
+as read back. The call also makes each thread SCHED_OTHER at nice 0 (what fulcrum's workers
+run as). 0 restores the kernel's default slice. An experiment's tool, not fulcrum's:
 the seventeenth session asked whether a shorter or longer slice for the proxy's workers changes
 who preempts whom on the two shared cores (loadtest/RESULTS.md).
 
