@@ -16,12 +16,10 @@
 #   CASES="fulcrum=target/release/fulcrum nginx-w2=- haproxy-t2=-" loadtest/ab.sh   # anchors
 #   RATE=12000 CASES=... loadtest/ab.sh       # oha at a fixed rate instead of flat out
 #   LINE=1.1 REPORT=results/FILE.tsv loadtest/ab.sh   # a kept rounds file summarised again,
-#       with the rounds whose ratio to the first case is at or above LINE counted
+#       counting the rounds where the first case's ratio to another is at or above LINE
 # A case is NAME=BINARY, then ;-separated lines added to fulcrum's [server] table (from
 # loadtest/anchors.toml with worker_threads = T, default 2). Needs ../shared/bench/install.sh
 # once. Loopback only; everything started is stopped by PID.
-source "$(dirname "$0")/lib.sh"
-ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
 
 # summary FILE: the mean per case, and the first case against each other one round by round
 summary() {
@@ -64,9 +62,11 @@ PY
 }
 if [[ -n ${REPORT:-} ]]; then
     summary "$REPORT"
-    exit 0
+    exit
 fi
 
+source "$(dirname "$0")/lib.sh"
+ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
 start_backends
 BACKEND_PID=${PIDS[0]}
 idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
