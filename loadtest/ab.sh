@@ -16,14 +16,19 @@
 #   CASES="fulcrum=target/release/fulcrum nginx-w2=- haproxy-t2=-" loadtest/ab.sh   # anchors
 #   RATE=12000 CASES=... loadtest/ab.sh       # oha at a fixed rate instead of flat out
 #   LINE=1.1 REPORT=results/FILE.tsv loadtest/ab.sh   # a kept rounds file summarised again,
-#       counting the rounds where the first case's ratio to another is at or above LINE
+#       counting the rounds where the first case's ratio to another is at or above LINE (1.0)
 # A case is NAME=BINARY, then ;-separated lines added to fulcrum's [server] table (from
 # loadtest/anchors.toml with worker_threads = T, default 2). Needs ../shared/bench/install.sh
 # once. Loopback only; everything started is stopped by PID.
 
+# REPORT reads a kept file and writes nothing: no scratch directory for it.
+[[ -n ${REPORT:-} ]] && OUT=${OUT:-$(dirname "$REPORT")}
+source "$(dirname "$0")/lib.sh"
+ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
+
 # summary FILE: the mean per case, and the first case against each other one round by round
 summary() {
-    python3 - "$1" "${LINE:-}" <<'PY'
+    python3 - "$1" <<'PY'
 import sys, collections, math
 d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
@@ -37,36 +42,33 @@ for k, v in d.items():
           f"  ipi {m[5]:5.3f}  cs {m[6]:5.3f}  segs {m[7]:5.3f}")
 # The machine's speed drifts by tens of per cent from one minute to the next (every process's
 # CPU time stays put while all their costs per request move together), so a mean can hide
-# which case was ahead when both ran in the same minute: count the rounds, and take the
-# ratio inside each round.
-line = float(sys.argv[2]) if sys.argv[2] else None
+# which case was ahead when both ran in the same minute: count the rounds.
 names = list(d)
 for other in names[1:]:
-    pairs = list(zip(d[names[0]], d[other]))
-    n = len(pairs)
-    ahead = sum(a[0] > b[0] for a, b in pairs)
+    ahead = sum(a[0] > b[0] for a, b in zip(d[names[0]], d[other]))
+    n = min(len(d[names[0]]), len(d[other]))
     # Two-sided sign test: how likely a split at least this uneven is if neither is faster.
     k = min(ahead, n - ahead)
     p = min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n)
     print(f"{names[0]} moved more requests than {other} in {ahead} of {n} rounds (sign test p = {p:.2f})")
-    r = sorted(a[0] / b[0] for a, b in pairs)
-    med = (r[(n - 1) // 2] + r[n // 2]) / 2
-    # 95 % interval of the median from the order statistics (as campaign.sh): the j-th
-    # smallest and largest, j the largest with P(Binomial(n, 1/2) < j) <= 2.5 %.
-    j = max([j for j in range(1, n + 1) if sum(math.comb(n, i) for i in range(j)) / 2 ** n <= 0.025],
-            default=0)
-    ci = f" [{r[j - 1]:.3f}-{r[n - j]:.3f}]" if j else ""
-    at = f", at or above {line}: {sum(x >= line for x in r)} of {n}" if line else ""
-    print(f"  requests {names[0]} / {other} in a round: median {med:.3f}{ci}{at}")
 PY
+    # And the ratio inside each round (the i-th row of each case is round i's).
+    local cases first other ratios
+    cases=$(awk -F'\t' 'NF >= 9 && !seen[$1]++ {print $1}' "$1")
+    first=$(head -1 <<< "$cases")
+    for other in $(tail -n +2 <<< "$cases"); do
+        ratios=$(awk -F'\t' -v a="$first" -v b="$other" 'NF >= 9 {
+                if ($1 == a) x[++i] = $2; if ($1 == b) y[++j] = $2 }
+            END { for (k = 1; k <= i && k <= j; k++) printf "%.6f\n", x[k] / y[k] }' "$1")
+        echo "requests $first / $other in a round, median (rounds at or above ${LINE:-1.0}) [95 % interval]:" \
+            "$(median_cell "$ratios" 1 ge "${LINE:-1.0}")"
+    done
 }
 if [[ -n ${REPORT:-} ]]; then
     summary "$REPORT"
     exit
 fi
 
-source "$(dirname "$0")/lib.sh"
-ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
 start_backends
 BACKEND_PID=${PIDS[0]}
 idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }

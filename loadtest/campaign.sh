@@ -87,29 +87,13 @@ printf '%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n' run tool f_rps h_rp
 awk -F'\t' '{ printf "%-7s %-4s %8s %8s %8s %7s %7s %7s %9s %9s %9s %9s\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 }' "$OUT/ratios.tsv"
 echo
 echo "== median per cell over the runs, runs meeting each target, 95 % interval of the median =="
-# cell ROWS COLUMN le|ge LINE: "median (runs meeting the line of runs) [lo-hi]" of one column,
-# [lo-hi] the distribution-free 95 % confidence interval of the median: the k-th smallest
-# and k-th largest run, k the largest with P(Binomial(n, 1/2) < k) <= 2.5 % (none below 6 runs).
-cell() {
-    local vals met
-    vals=$(echo "$1" | cut -f"$2" | sort -g)
-    met=$(echo "$vals" | awk -v op="$3" -v line="$4" '{ m += (op == "le" ? $1 <= line : $1 >= line) } END { print m + 0 }')
-    echo "$vals" | awk -v met="$met" '{ v[NR] = $1 }
-        END {
-            n = NR; med = (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
-            k = 0; p = 0.5 ^ n; cdf = p
-            for (j = 1; cdf <= 0.025; j++) { k = j; p = p * (n - j + 1) / j; cdf += p }
-            ci = (k > 0 ? sprintf("[%.2f-%.2f]", v[k], v[n - k + 1]) : "[-]")
-            printf "%.3f (%d of %d) %s", med, met, n, ci
-        }'
-}
 printf '%-4s %-4s %32s %32s %32s\n' thr tool "cpu/HAProxy (<=1.0)" "thr/HAProxy (>=1.0)" "thr/nginx (>=1.1)"
 for t in $THREADS; do
     for tool in wrk oha; do
         rows=$(awk -F'\t' -v t="t$t" -v tool="$tool" 'index($1, t "-") == 1 && $2 == tool' "$OUT/ratios.tsv")
         [[ -n $rows ]] || continue
-        printf '%-4s %-4s %32s %32s %32s\n' "t$t" "$tool" "$(cell "$rows" 9 le 1.0)" \
-            "$(cell "$rows" 10 ge 1.0)" "$(cell "$rows" 11 ge 1.1)"
+        printf '%-4s %-4s %32s %32s %32s\n' "t$t" "$tool" "$(median_cell "$rows" 9 le 1.0)" \
+            "$(median_cell "$rows" 10 ge 1.0)" "$(median_cell "$rows" 11 ge 1.1)"
     done
 done
 echo

@@ -121,6 +121,24 @@ round_order() {
     if (($1 % 2)); then echo "$2"; else echo "$2" | tr ' ' '\n' | tac | tr '\n' ' '; fi
 }
 
+# median_cell ROWS COLUMN le|ge LINE: "median (rows meeting the line of rows) [lo-hi]" of one
+# column of tab-separated ROWS (campaign.sh's runs, ab.sh's rounds), [lo-hi] the
+# distribution-free 95 % confidence interval of the median: the k-th smallest and k-th
+# largest row, k the largest with P(Binomial(n, 1/2) < k) <= 2.5 % (none below 6 rows).
+median_cell() {
+    local vals met
+    vals=$(echo "$1" | cut -f"$2" | sort -g)
+    met=$(echo "$vals" | awk -v op="$3" -v line="$4" '{ m += (op == "le" ? $1 <= line : $1 >= line) } END { print m + 0 }')
+    echo "$vals" | awk -v met="$met" '{ v[NR] = $1 }
+        END {
+            n = NR; med = (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
+            k = 0; p = 0.5 ^ n; cdf = p
+            for (j = 1; cdf <= 0.025; j++) { k = j; p = p * (n - j + 1) / j; cdf += p }
+            ci = (k > 0 ? sprintf("[%.2f-%.2f]", v[k], v[n - k + 1]) : "[-]")
+            printf "%.3f (%d of %d) %s", med, met, n, ci
+        }'
+}
+
 # stop_proxy: stops the last started proxy (and waits for it to go)
 stop_proxy() {
     kill -TERM "$CASE_PID" 2>/dev/null || true
