@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame};
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -126,8 +126,9 @@ pub(crate) fn serve(
         let mut timer = std::pin::pin!(crate::clock::timer());
         loop {
             if buf.is_empty() {
-                // Idle: hold no buffer while waiting for the next request.
-                buf = BytesMut::new();
+                // Idle: hold no buffer while waiting for the next request (this thread's
+                // spares keep it for the next request read, if nothing else still shares it).
+                spare_reads::give(std::mem::take(&mut buf));
                 let limits = &info.listener.limits;
                 let (wait, park) = match first {
                     Some(due) => (due, None),
@@ -199,7 +200,7 @@ pub(crate) fn serve(
                         }
                     }
                 }
-                buf.reserve(INITIAL_BUFFER);
+                buf = spare_reads::take();
                 match try_read_drained(&stream, &mut buf) {
                     Ok(0) => return,
                     Ok(_) => {}
@@ -449,7 +450,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Ok(u) => u,
         Err(_) => return Parsed::Refuse(BAD_REQUEST),
     };
-    let mut map = HeaderMap::with_capacity(count);
+    let mut map = crate::headers::map_with_capacity(count);
     for span @ &(no, nl, vo, vl) in spans.as_slice() {
         if crate::headers::Spans::consumed(span) {
             continue;
@@ -563,8 +564,9 @@ async fn exchange(
         }
     }
     out.extend_from_slice(b"\r\n");
-    // The head's values may share the backend connection's read buffer: let go of them now.
-    drop(std::mem::take(resp.headers_mut()));
+    // The head's values may share the backend connection's read buffer: let go of them now
+    // (the emptied map is kept for the next head this thread parses).
+    crate::headers::recycle(std::mem::take(resp.headers_mut()));
 
     crate::workers::gather().await;
     if no_body {
@@ -688,6 +690,46 @@ impl std::ops::Deref for OutBuf {
 impl std::ops::DerefMut for OutBuf {
     fn deref_mut(&mut self) -> &mut Vec<u8> {
         &mut self.0
+    }
+}
+
+/// Read buffers of connections gone idle, kept per thread for the next request's read.
+/// Why: an idle connection holds no buffer (so 10,000 of them cost little), and a buffer
+/// made for each request was two allocations (its memory, and the shared header the head's
+/// split off it needs) and two frees. A buffer given back once its request's head and values
+/// are gone is whole again and is reused as it stands, header included.
+mod spare_reads {
+    use super::INITIAL_BUFFER;
+    use bytes::BytesMut;
+    use std::cell::RefCell;
+
+    /// As many as a thread may have requests being read at once without most being new.
+    const KEPT: usize = 32;
+
+    thread_local! {
+        static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer with room for a head.
+    pub fn take() -> BytesMut {
+        SPARES
+            .with(|s| s.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(INITIAL_BUFFER))
+    }
+
+    /// Keeps `buf` if it is empty, nothing else shares its memory (the last request's head
+    /// and values were dropped: `try_reclaim` then has its whole room back without
+    /// allocating), and it did not grow past the usual size for a body.
+    pub fn give(mut buf: BytesMut) {
+        if !buf.is_empty() || !buf.try_reclaim(INITIAL_BUFFER) || buf.capacity() > INITIAL_BUFFER {
+            return;
+        }
+        SPARES.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEPT {
+                s.push(buf);
+            }
+        });
     }
 }
 
@@ -959,5 +1001,37 @@ mod tests {
         assert_eq!(digits(0, 16, &mut [0; 20]), b"0");
         assert_eq!(digits(0x1f40, 16, &mut [0; 20]), b"1f40");
         assert_eq!(digits(u64::MAX, 16, &mut [0; 20]), b"ffffffffffffffff");
+    }
+
+    #[test]
+    fn a_read_buffer_is_reused_only_once_nothing_shares_it() {
+        // Each test runs on its own thread: this thread's spares start empty.
+        let text = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        // The head split off as `parse` does and still held (as a request's values hold
+        // it): the buffer is not kept.
+        let mut buf = spare_reads::take();
+        let first = buf.as_ptr();
+        buf.extend_from_slice(text);
+        let head = buf.split_to(text.len()).freeze();
+        spare_reads::give(buf);
+        let other = spare_reads::take();
+        assert_ne!(other.as_ptr(), first, "a buffer still shared was kept");
+        drop(head);
+        // Once the head is gone the buffer is whole again: kept, and the next take has it.
+        let mut buf = other;
+        let second = buf.as_ptr();
+        buf.extend_from_slice(text);
+        drop(buf.split_to(text.len()).freeze());
+        spare_reads::give(buf);
+        let again = spare_reads::take();
+        assert_eq!(again.as_ptr(), second);
+        assert!(again.is_empty() && again.capacity() >= INITIAL_BUFFER);
+        // A buffer grown for a body, or one holding bytes, is not kept.
+        spare_reads::give(BytesMut::with_capacity(4 * INITIAL_BUFFER));
+        let mut pending = again;
+        pending.extend_from_slice(b"G");
+        spare_reads::give(pending);
+        let fresh = spare_reads::take();
+        assert!(fresh.is_empty() && fresh.capacity() == INITIAL_BUFFER);
     }
 }

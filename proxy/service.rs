@@ -609,6 +609,9 @@ async fn proxy(
                 }
                 let resp = Box::new(Response::from_parts(rparts, Body::with_guard(rbody, guard)));
                 if !retry {
+                    // The request's head has gone out: its map is kept for the next head
+                    // this thread parses.
+                    headers::recycle(std::mem::take(&mut parts.headers));
                     if let Some((method, accept)) = &compression {
                         if let Some(enc) = crate::compress::choose(method, accept, &resp) {
                             return Ok(Box::new(crate::compress::compress(*resp, enc)));

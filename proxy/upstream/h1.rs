@@ -22,7 +22,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
@@ -494,7 +494,7 @@ fn parse_head(
             *span = (name, h.name.len(), value, h.value.len());
         }
         let head = buf.split_to(n).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = crate::headers::map_with_capacity(count);
         for span @ &(n_at, n_len, v_at, v_len) in spans.as_slice() {
             if crate::headers::Spans::consumed(span) {
                 continue;
