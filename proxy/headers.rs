@@ -133,8 +133,8 @@ const SPARE_MAPS: usize = 64;
 const SPARE_MAP_CAPACITY: usize = 48;
 
 thread_local! {
-    static SPARES: std::cell::RefCell<Vec<HeaderMap>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static SPARES: crate::spares::Stack<HeaderMap> =
+        const { crate::spares::Stack::new(Vec::new()) };
 }
 
 /// An empty map with room for `n` headers: an emptied one from this thread's spares when it
@@ -142,7 +142,7 @@ thread_local! {
 /// and every proxied request made two maps (its own and its answer's), four of the nine
 /// allocations a request took; a spare is reused as it stands.
 pub fn map_with_capacity(n: usize) -> HeaderMap {
-    match SPARES.with(|s| s.borrow_mut().pop()) {
+    match crate::spares::take(&SPARES) {
         Some(mut map) => {
             // Never fails: a parsed head has at most a few hundred headers.
             let _ = map.try_reserve(n);
@@ -159,12 +159,7 @@ pub fn recycle(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    SPARES.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_MAPS {
-            s.push(map);
-        }
-    });
+    crate::spares::keep(&SPARES, map, SPARE_MAPS);
 }
 
 /// A `Content-Length` value (RFC 9110 §8.6: `1*DIGIT`, optional whitespace around it), or
@@ -570,6 +565,6 @@ mod tests {
         assert!(fresh.capacity() <= SPARE_MAP_CAPACITY && fresh.is_empty());
         // An empty map holds nothing worth keeping.
         recycle(HeaderMap::new());
-        assert_eq!(SPARES.with(|s| s.borrow().len()), 0);
+        assert_eq!(crate::spares::count(&SPARES), 0);
     }
 }

@@ -31,6 +31,7 @@ use crate::body::{Body, RequestBody};
 use crate::listener::Guards;
 use crate::server::Shared;
 use crate::service::{self, ConnInfo};
+use crate::spares;
 
 /// Request bodies up to this size (with a `Content-Length`) are read whole before the
 /// request goes on, as nginx buffers request bodies; longer ones are streamed by hyper.
@@ -654,13 +655,12 @@ async fn exchange(
 struct OutBuf(Vec<u8>);
 
 thread_local! {
-    static SPARES: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARES: spares::Stack<Vec<u8>> = const { spares::Stack::new(Vec::new()) };
 }
 
 impl OutBuf {
     fn take() -> OutBuf {
-        let v = SPARES.with(|s| s.borrow_mut().pop());
-        OutBuf(v.unwrap_or_else(|| Vec::with_capacity(512)))
+        OutBuf(spares::take(&SPARES).unwrap_or_else(|| Vec::with_capacity(512)))
     }
 }
 
@@ -670,12 +670,7 @@ impl Drop for OutBuf {
         if self.0.capacity() <= 2 * COALESCE {
             let mut v = std::mem::take(&mut self.0);
             v.clear();
-            SPARES.with(|s| {
-                let mut s = s.borrow_mut();
-                if s.len() < 256 {
-                    s.push(v);
-                }
-            });
+            spares::keep(&SPARES, v, 256);
         }
     }
 }
@@ -700,26 +695,24 @@ impl std::ops::DerefMut for OutBuf {
 /// are gone is whole again and is reused as it stands, header included.
 mod spare_reads {
     use super::INITIAL_BUFFER;
+    use crate::spares;
     use bytes::BytesMut;
-    use std::cell::RefCell;
 
     /// As many as a thread may have requests being read at once without most being new.
     const KEPT: usize = 32;
 
     thread_local! {
-        static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static SPARES: spares::Stack<BytesMut> = const { spares::Stack::new(Vec::new()) };
     }
 
     #[cfg(test)]
     pub fn count() -> usize {
-        SPARES.with(|s| s.borrow().len())
+        spares::count(&SPARES)
     }
 
     /// An empty buffer with room for a head.
     pub fn take() -> BytesMut {
-        SPARES
-            .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| BytesMut::with_capacity(INITIAL_BUFFER))
+        spares::take(&SPARES).unwrap_or_else(|| BytesMut::with_capacity(INITIAL_BUFFER))
     }
 
     /// Keeps `buf` if it is empty, nothing else shares its memory (the last request's head
@@ -729,12 +722,7 @@ mod spare_reads {
         if !buf.is_empty() || !buf.try_reclaim(INITIAL_BUFFER) || buf.capacity() > INITIAL_BUFFER {
             return;
         }
-        SPARES.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEPT {
-                s.push(buf);
-            }
-        });
+        spares::keep(&SPARES, buf, KEPT);
     }
 }
 

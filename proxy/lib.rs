@@ -34,6 +34,7 @@ pub mod sendbatch;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod spares;
 pub mod spin;
 pub mod sticky;
 pub mod tls;
