@@ -21,8 +21,12 @@
 # loadtest/anchors.toml with worker_threads = T, default 2). Needs ../shared/bench/install.sh
 # once. Loopback only; everything started is stopped by PID.
 
-# REPORT reads a kept file and writes nothing: no scratch directory for it.
-[[ -n ${REPORT:-} ]] && OUT=${OUT:-$(dirname "$REPORT")}
+# REPORT reads a kept file and writes nothing: no scratch directory for it (and a missing
+# file ends here, before lib.sh would make OUT).
+if [[ -n ${REPORT:-} ]]; then
+    [[ -f $REPORT ]] || { echo "no such file: $REPORT" >&2; exit 1; }
+    OUT=${OUT:-$(dirname "$REPORT")}
+fi
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-4}; D=${D:-6}; TOOL=${TOOL:-oha}; T=${T:-2}
 

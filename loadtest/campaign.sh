@@ -21,7 +21,6 @@ else
     build
 fi
 export FULCRUM
-mkdir -p "$OUT"
 log "campaign: $RUNS run(s) per thread count ($THREADS), raw rows under $OUT"
 
 for r in $(seq 1 "$RUNS"); do

@@ -5,7 +5,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # FULCRUM=path runs that binary instead of building target/release/fulcrum (loadtest/pgo.sh's).
 FULCRUM=${FULCRUM:-$ROOT/target/release/fulcrum}
 OUT=${OUT:-$(mktemp -d /tmp/fulcrum-loadtest.XXXXXX)}
-mkdir -p "$OUT"
+mkdir -p "$OUT" # a given OUT may not exist yet: every script writes into it
 PIDS=()
 
 build() {
