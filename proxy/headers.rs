@@ -1,6 +1,9 @@
 //! Header hygiene between client and backend: hop-by-hop headers removed both ways,
-//! `X-Forwarded-*` set on the way in. Done in place on the request's own header map.
+//! `X-Forwarded-*` set on the way in. Done in place on the request's own header map; the
+//! values fulcrum makes are shared (a worker's recent clients' `X-Forwarded-For`, a request
+//! id echoed in the answer), so a clone costs no allocation.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -336,9 +339,9 @@ pub fn add_forwarded(
     tls: bool,
     host: Option<&HeaderValue>,
 ) {
-    let mut ip_buf = [0u8; 64];
-    let ip = format_ip(client, &mut ip_buf);
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut ip_buf = [0u8; 64];
+        let ip = format_ip(client, &mut ip_buf);
         let mut joined = Vec::with_capacity(64);
         for v in headers.get_all(&X_FORWARDED_FOR) {
             if !joined.is_empty() {
@@ -350,7 +353,7 @@ pub fn add_forwarded(
         joined.extend_from_slice(ip);
         HeaderValue::from_bytes(&joined).ok()
     } else {
-        HeaderValue::from_bytes(ip).ok()
+        client_value(client)
     };
     if let Some(xff) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), xff);
@@ -364,10 +367,63 @@ pub fn add_forwarded(
     }
 }
 
+/// How many client addresses each worker keeps as ready `X-Forwarded-For` values.
+const RECENT_CLIENTS: usize = 8;
+
+/// The last few clients' values on one worker, replaced in turn: a keep-alive connection's
+/// requests, or those of a load balancer or CDN in front, share one value instead of each
+/// formatting and allocating its own.
+struct RecentClients {
+    next: usize,
+    slots: [Option<(IpAddr, HeaderValue)>; RECENT_CLIENTS],
+}
+
+thread_local! {
+    static RECENT: RefCell<RecentClients> = const {
+        RefCell::new(RecentClients { next: 0, slots: [const { None }; RECENT_CLIENTS] })
+    };
+}
+
+/// `client` as an `X-Forwarded-For` value, shared with this worker's earlier requests from
+/// the same address when it has one of those at hand.
+fn client_value(client: IpAddr) -> Option<HeaderValue> {
+    RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        if let Some((_, v)) = r.slots.iter().flatten().find(|(ip, _)| *ip == client) {
+            return Some(v.clone());
+        }
+        let mut buf = [0u8; 64];
+        let len = format_ip(client, &mut buf).len();
+        let v = shared_value(Text { buf, len })?;
+        let next = r.next;
+        r.slots[next] = Some((client, v.clone()));
+        r.next = (next + 1) % RECENT_CLIENTS;
+        Some(v)
+    })
+}
+
+/// Text kept where a header value points, for values made once and then cloned.
+struct Text<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> AsRef<[u8]> for Text<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// A header value whose clones share it: one allocation, where a value made from a slice
+/// takes one more on its first clone (`Bytes` moves a copied slice to shared storage then).
+pub fn shared_value<T: AsRef<[u8]> + Send + 'static>(text: T) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+}
+
 fn format_ip(ip: IpAddr, buf: &mut [u8; 64]) -> &[u8] {
     use std::io::Write;
     if let IpAddr::V4(v4) = ip {
-        // Every request writes one: by hand, without the formatting machinery.
+        // A new client's value writes one: by hand, without the formatting machinery.
         let mut n = 0;
         for (i, octet) in v4.octets().into_iter().enumerate() {
             if i > 0 {
@@ -528,6 +584,31 @@ mod tests {
         add_forwarded(&mut h, "::1".parse().unwrap(), false, None);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_recent_client_shares_its_value_and_only_the_last_few_are_kept() {
+        // What another test on this thread may have left.
+        RECENT.with(|r| r.borrow_mut().slots = [const { None }; RECENT_CLIENTS]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let first = client_value(ip("10.0.0.1")).unwrap();
+        assert_eq!(first, "10.0.0.1");
+        let again = client_value(ip("10.0.0.1")).unwrap();
+        assert_eq!(again.as_bytes().as_ptr(), first.as_bytes().as_ptr());
+        let v6 = client_value(ip("2001:db8::7")).unwrap();
+        assert_eq!(v6, "2001:db8::7");
+        assert_ne!(v6.as_bytes().as_ptr(), first.as_bytes().as_ptr());
+        // Enough other clients to push 10.0.0.1 out: its next value is made afresh.
+        for i in 0..RECENT_CLIENTS as u8 {
+            assert_eq!(
+                client_value(ip(&format!("192.0.2.{i}"))).unwrap(),
+                format!("192.0.2.{i}").as_str()
+            );
+        }
+        let later = client_value(ip("10.0.0.1")).unwrap();
+        assert_eq!(later, "10.0.0.1");
+        assert_ne!(later.as_bytes().as_ptr(), first.as_bytes().as_ptr());
+        RECENT.with(|r| assert_eq!(r.borrow().slots.iter().flatten().count(), RECENT_CLIENTS));
     }
 
     #[test]

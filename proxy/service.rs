@@ -124,7 +124,8 @@ fn new_request_id() -> HeaderValue {
         text[2 * i] = HEX[(byte >> 4) as usize];
         text[2 * i + 1] = HEX[(byte & 15) as usize];
     }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+    // Shared from the start: the answer echoes a clone, which costs no allocation then.
+    headers::shared_value(text).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// One request through routing, the balancer and a backend (or an error answer). Requests
