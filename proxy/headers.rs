@@ -402,13 +402,13 @@ fn client_value(client: IpAddr) -> Option<HeaderValue> {
     })
 }
 
-/// Text kept where a header value points, for values made once and then cloned.
-struct Text<const N: usize> {
-    buf: [u8; N],
+/// An address's text (as `format_ip` writes it) kept where its header value points.
+struct Text {
+    buf: [u8; 64],
     len: usize,
 }
 
-impl<const N: usize> AsRef<[u8]> for Text<N> {
+impl AsRef<[u8]> for Text {
     fn as_ref(&self) -> &[u8] {
         &self.buf[..self.len]
     }
