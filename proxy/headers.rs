@@ -614,7 +614,7 @@ mod tests {
     #[test]
     fn recycled_maps_come_back_empty_with_their_room_and_large_ones_are_not_kept() {
         // What another test on this thread may have left.
-        SPARES.with(|s| s.borrow_mut().clear());
+        crate::spares::clear(&SPARES);
         let mut m = map_with_capacity(9);
         let room = m.capacity();
         m.append("x-a", HeaderValue::from_static("1"));

@@ -31,3 +31,9 @@ pub fn keep<T: 'static>(stack: &'static LocalKey<Stack<T>>, spare: T, most: usiz
 pub fn count<T: 'static>(stack: &'static LocalKey<Stack<T>>) -> usize {
     stack.with(|s| s.borrow().len())
 }
+
+/// Empties this thread's `stack`: a test's start, whatever an earlier test on the thread left.
+#[cfg(test)]
+pub fn clear<T: 'static>(stack: &'static LocalKey<Stack<T>>) {
+    stack.with(|s| s.borrow_mut().clear());
+}
