@@ -14,6 +14,8 @@
 #   CASES="on=target/release/fulcrum off=target/release/fulcrum;batch_sends=false" \
 #       TOOL=wrk ROUNDS=6 D=8 loadtest/ab.sh
 #   CASES="fulcrum=target/release/fulcrum nginx-w2=- haproxy-t2=-" loadtest/ab.sh   # anchors
+#   CASES="fulcrum=target/release/fulcrum floor-epoll-batch=- floor-uring=-" loadtest/ab.sh
+#       # beside loadtest/floor's relays, which do no HTTP work (see floor.sh)
 #   RATE=12000 CASES=... loadtest/ab.sh       # oha at a fixed rate instead of flat out
 #   LINE=1.1 REPORT=results/FILE.tsv loadtest/ab.sh   # a kept rounds file summarised again,
 #       counting the rounds where the first case's ratio to another is at or above LINE (1.0)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The floor: fulcrum and nginx beside a byte relay that does no HTTP work at all
-# (loadtest/floor, epoll and io_uring), all single-threaded in front of the anchors' backend,
-# under `wrk -t2 -c64`. Per case: req/s and CPU µs per request of the proxy, the backend and
+# (loadtest/floor: epoll, epoll with fulcrum's batched sends and spin, io_uring), all
+# single-threaded in front of the anchors' backend, under `wrk -t2 -c64`. Per case: req/s and CPU µs per request of the proxy, the backend and
 # the whole machine (/proc). Rounds alternate the cases.
 #   loadtest/floor.sh                                   (needs wrk, nginx)
 #   CASES="fulcrum-t1 floor-epoll floor-epoll-touch4096" ROUNDS=3 loadtest/floor.sh
-# Cases: fulcrum-t1, nginx-w1, haproxy-t1, floor-epoll, floor-uring, and either floor case
-# with -touchBYTES (each forwarded message also touches BYTES of its connection's memory).
+# Cases: fulcrum-t1, nginx-w1, haproxy-t1, floor-epoll, floor-epoll-batch, floor-uring, and
+# any floor case with -touchBYTES (each forwarded message also touches BYTES of its
+# connection's memory). loadtest/ab.sh takes the floor cases too (floor-uring=- and so on).
 source "$(dirname "$0")/lib.sh"
 CASES=${CASES:-nginx-w1 fulcrum-t1 floor-epoll floor-uring}
 ROUNDS=${ROUNDS:-2}

@@ -63,8 +63,9 @@ start_backends() {
     wait_http http://127.0.0.1:9001/
 }
 
-# start_proxy CASE: fulcrum-tN, haproxy-tN or nginx-wN in front of those backends; sets
-# CASE_URL and CASE_PID. Ports: fulcrum 8080 (admin 9099), nginx 8081, HAProxy 8082.
+# start_proxy CASE: fulcrum-tN, haproxy-tN, nginx-wN or floor-MODE[-tN] (loadtest/floor, a
+# relay that does no HTTP work) in front of those backends; sets
+# CASE_URL and CASE_PID. Ports: fulcrum 8080 (admin 9099), nginx 8081, HAProxy 8082, floor 8083.
 # fulcrum adds no headers, as the anchors add none; FULCRUM_HEADERS=on keeps its defaults
 # (X-Forwarded-*, X-Request-Id), as in anchors.sh; FULCRUM_SERVER adds lines to its [server].
 start_proxy() {
@@ -93,6 +94,16 @@ start_proxy() {
             render "$BENCH/conf/proxy-haproxy.cfg" "$OUT/$c/haproxy.cfg" THREADS="$n" PORT=8082
             start "$c" haproxy -db -f "$OUT/$c/haproxy.cfg"
             CASE_URL=http://127.0.0.1:8082/ ;;
+        floor-*)
+            # loadtest/floor's relay (no HTTP work): floor-epoll, floor-epoll-batch or
+            # floor-uring, as floor.sh runs them; -tN after an epoll mode: N loops, one a CPU
+            n=1 mode=${c#floor-}
+            [[ $mode =~ ^(.*)-t([0-9]+)$ ]] && { mode=${BASH_REMATCH[1]}; n=${BASH_REMATCH[2]}; }
+            [[ -x $ROOT/loadtest/floor/target/release/floor ]] ||
+                cargo build --release --locked --manifest-path "$ROOT/loadtest/floor/Cargo.toml" >&2
+            start "$c" "$ROOT/loadtest/floor/target/release/floor" "$mode" 8083 \
+                9001,9002,9003,9004 --threads "$n"
+            CASE_URL=http://127.0.0.1:8083/ ;;
         *) echo "unknown case $c" >&2; return 2 ;;
     esac
     CASE_PID=$LAST_PID
