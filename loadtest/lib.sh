@@ -97,7 +97,8 @@ start_proxy() {
         floor-*)
             # loadtest/floor's relay (no HTTP work): floor-epoll, floor-epoll-batch or
             # floor-uring, as floor.sh runs them; -tN after an epoll mode: N loops, one a CPU
-            n=1 mode=${c#floor-}
+            local mode=${c#floor-}
+            n=1
             [[ $mode =~ ^(.*)-t([0-9]+)$ ]] && { mode=${BASH_REMATCH[1]}; n=${BASH_REMATCH[2]}; }
             [[ -x $ROOT/loadtest/floor/target/release/floor ]] ||
                 cargo build --release --locked --manifest-path "$ROOT/loadtest/floor/Cargo.toml" >&2

@@ -57,8 +57,7 @@ fn args() -> Option<Args> {
         .map(|p| p.parse().ok())
         .collect::<Option<Vec<u16>>>()?;
     let (mut touch, mut threads) = (0, 1);
-    let mut rest = a[3..].chunks(2);
-    for pair in rest.by_ref() {
+    for pair in a[3..].chunks(2) {
         match pair {
             [flag, n] if flag == "--touch" => touch = n.parse().ok()?,
             [flag, n] if flag == "--threads" => threads = n.parse().ok().filter(|&t| t > 0)?,
@@ -328,8 +327,11 @@ fn epoll(l: TcpListener, a: &Args) -> io::Result<()> {
                     if out.len() <= to as usize {
                         out.resize_with(to as usize + 1, Vec::new);
                     }
+                    // A connection is queued once a turn, however many reads fill it.
+                    if out[to as usize].is_empty() {
+                        pending.push(to);
+                    }
                     out[to as usize].extend_from_slice(&buf[..n]);
-                    pending.push(to);
                     if n < BUF {
                         break;
                     }
