@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The floor: fulcrum and nginx beside a byte relay that does no HTTP work at all
 # (loadtest/floor: epoll, epoll with fulcrum's batched sends and spin, io_uring), all
-# single-threaded in front of the anchors' backend, under `wrk -t2 -c64`. Per case: req/s and CPU µs per request of the proxy, the backend and
-# the whole machine (/proc). Rounds alternate the cases.
+# single-threaded in front of the anchors' backend, under `wrk -t2 -c64`. Per case: req/s
+# and CPU µs per request of the proxy, the backend and the whole machine (/proc). Rounds
+# alternate the cases.
 #   loadtest/floor.sh                                   (needs wrk, nginx)
 #   CASES="fulcrum-t1 floor-epoll floor-epoll-touch4096" ROUNDS=3 loadtest/floor.sh
 # Cases: fulcrum-t1, nginx-w1, haproxy-t1, floor-epoll, floor-epoll-batch, floor-uring, and
 # any floor case with -touchBYTES (each forwarded message also touches BYTES of its
-# connection's memory). loadtest/ab.sh takes the floor cases too (floor-uring=- and so on).
+# connection's memory), started by lib.sh's start_proxy; loadtest/ab.sh takes the same
+# floor cases (floor-uring=- and so on).
 source "$(dirname "$0")/lib.sh"
 CASES=${CASES:-nginx-w1 fulcrum-t1 floor-epoll floor-uring}
 ROUNDS=${ROUNDS:-2}
 DURATION=${DURATION:-6}
-FLOOR=$ROOT/loadtest/floor/target/release/floor
 build
 cargo build --release --locked --manifest-path "$ROOT/loadtest/floor/Cargo.toml" >&2
 start_backends
@@ -24,15 +25,7 @@ tick_us=$((1000000 / $(getconf CLK_TCK)))
 printf '%-24s %6s %9s %10s %10s %10s\n' case round req/s proxy_us backend_us machine_us
 for round in $(seq "$ROUNDS"); do
     for c in $CASES; do
-        case "$c" in
-            floor-*)
-                mode=${c#floor-}; touch=0
-                [[ $mode == *-touch* ]] && { touch=${mode#*-touch}; mode=${mode%%-touch*}; }
-                start "$c" "$FLOOR" "$mode" 8083 9001,9002,9003,9004 --touch "$touch"
-                CASE_PID=$LAST_PID; CASE_URL=http://127.0.0.1:8083/
-                wait_http "$CASE_URL" ;;
-            *) start_proxy "$c" ;;
-        esac
+        start_proxy "$c"
         wrk -t2 -c64 -d1s "$CASE_URL" >/dev/null
         p0=$(cpu_ticks "$CASE_PID"); b0=$(cpu_ticks "$BACKEND_PID"); m0=$(machine_ticks)
         wrk -t2 -c64 -d"${DURATION}"s "$CASE_URL" > "$OUT/wrk.txt"

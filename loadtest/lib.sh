@@ -95,15 +95,17 @@ start_proxy() {
             start "$c" haproxy -db -f "$OUT/$c/haproxy.cfg"
             CASE_URL=http://127.0.0.1:8082/ ;;
         floor-*)
-            # loadtest/floor's relay (no HTTP work): floor-epoll, floor-epoll-batch or
-            # floor-uring, as floor.sh runs them; -tN after an epoll mode: N loops, one a CPU
-            local mode=${c#floor-}
+            # loadtest/floor's relay (no HTTP work): floor-MODE[-touchBYTES][-tN], MODE epoll,
+            # epoll-batch or uring; -touchBYTES: each message also touches BYTES of its
+            # connection's memory; -tN (epoll modes): N loops, one a CPU
+            local mode=${c#floor-} touch=0
             n=1
             [[ $mode =~ ^(.*)-t([0-9]+)$ ]] && { mode=${BASH_REMATCH[1]}; n=${BASH_REMATCH[2]}; }
+            [[ $mode =~ ^(.*)-touch([0-9]+)$ ]] && { mode=${BASH_REMATCH[1]}; touch=${BASH_REMATCH[2]}; }
             [[ -x $ROOT/loadtest/floor/target/release/floor ]] ||
                 cargo build --release --locked --manifest-path "$ROOT/loadtest/floor/Cargo.toml" >&2
             start "$c" "$ROOT/loadtest/floor/target/release/floor" "$mode" 8083 \
-                9001,9002,9003,9004 --threads "$n"
+                9001,9002,9003,9004 --touch "$touch" --threads "$n"
             CASE_URL=http://127.0.0.1:8083/ ;;
         *) echo "unknown case $c" >&2; return 2 ;;
     esac
