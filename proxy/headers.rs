@@ -67,6 +67,34 @@ impl Spans {
         }
     }
 
+    /// Adds one span at the end (spilling to the heap past the inline ones).
+    pub fn push(&mut self, span: Span) {
+        if self.len < INLINE_SPANS {
+            self.inline[self.len] = span;
+        } else {
+            if self.len == INLINE_SPANS {
+                self.spilled.clear();
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push(span);
+        }
+        self.len += 1;
+    }
+
+    /// Forgets every span (keeping any heap room).
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.spilled.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// Every span, the consumed ones included: the parsers skip those with
     /// [`Spans::consumed`]. (A filtering iterator here cost ~115 instructions a request: the
     /// compiler then left `HeaderValue::from_shared` out of line in the request parser.)

@@ -391,40 +391,38 @@ async fn refuse(stream: &mut TcpStream, answer: &[u8]) -> Next {
 /// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
 /// header values keep sharing them); otherwise `buf` is left as it was.
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    // Left uninitialised: zeroing 100 slots of 32 bytes was a 3 KiB memset per request.
-    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-    let mut r = httparse::Request::new(&mut []);
-    let len = match r.parse_with_uninit_headers(buf, &mut headers) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => return Parsed::Refuse(TOO_LARGE),
-        Err(_) => return Parsed::Refuse(BAD_REQUEST),
+    let mut spans = crate::headers::Spans::new(0);
+    // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
+    let (line, len) = match crate::h1parse::request(buf, &mut spans) {
+        Some(parsed) => parsed,
+        None => match parse_any(buf, &mut spans) {
+            Ok(parsed) => parsed,
+            Err(other) => return other,
+        },
     };
     if len > max_head {
         return Parsed::Refuse(TOO_LARGE);
     }
-    let version = match r.version {
-        Some(1) => Version::HTTP_11,
+    let version = match line.version {
+        1 => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let Ok(method) = Method::from_bytes(r.method.unwrap_or("").as_bytes()) else {
+    let (mo, ml) = line.method;
+    let Ok(method) = Method::from_bytes(&buf[mo..mo + ml]) else {
         return Parsed::Refuse(BAD_REQUEST);
     };
     if method == Method::CONNECT {
         return Parsed::Handover;
     }
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| s.as_ptr() as usize - base;
-    let path = r.path.unwrap_or("");
-    let path_range = (offset(path.as_bytes()), path.len());
+    let path_range = line.target;
     let mut length: Option<u64> = None;
     let mut connection = crate::headers::ConnectionTokens::default();
-    let count = r.headers.len();
-    let mut spans = crate::headers::Spans::new(count);
-    for (h, span) in r.headers.iter().zip(spans.as_mut_slice()) {
-        let name = h.name.as_bytes();
+    let count = spans.len();
+    for span in spans.as_mut_slice() {
+        let &mut (no, nl, vo, vl) = span;
+        let (name, value) = (&buf[no..no + nl], &buf[vo..vo + vl]);
         if name.eq_ignore_ascii_case(b"content-length") {
-            let Some(n) = crate::headers::content_length(h.value) else {
+            let Some(n) = crate::headers::content_length(value) else {
                 return Parsed::Refuse(BAD_REQUEST);
             };
             if length.is_some_and(|l| l != n) {
@@ -436,11 +434,10 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
             || name.eq_ignore_ascii_case(b"expect")
         {
             return Parsed::Handover;
-        } else if name.eq_ignore_ascii_case(b"connection") && connection.add(h.value) {
+        } else if name.eq_ignore_ascii_case(b"connection") && connection.add(value) {
             // consumed here (keep-alive); left out of the map (an empty span)
-            continue;
+            *span = (0, 0, 0, 0);
         }
-        *span = (offset(name), name.len(), offset(h.value), h.value.len());
     }
     let length = length.unwrap_or(0);
     if length > MAX_BUFFERED_BODY {
@@ -459,7 +456,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         let Ok(name) = crate::headers::name(&head[no..no + nl]) else {
             return Parsed::Refuse(BAD_REQUEST);
         };
-        // httparse has checked the value's bytes (no control characters but tab).
+        // The parser has checked the value's bytes (no control characters but tab).
         let value = match HeaderValue::from_maybe_shared(head.slice(vo..vo + vl)) {
             Ok(v) => v,
             Err(_) => return Parsed::Refuse(BAD_REQUEST),
@@ -477,6 +474,36 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         length,
         keep_alive,
     })
+}
+
+/// A head [`crate::h1parse`] left alone, by `httparse`: every form the RFCs allow, or the
+/// answer for one that is not a request (or not complete yet).
+fn parse_any(
+    buf: &[u8],
+    spans: &mut crate::headers::Spans,
+) -> Result<(crate::h1parse::RequestLine, usize), Parsed> {
+    // Left uninitialised: zeroing 100 slots of 32 bytes was a 3 KiB memset per request.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut []);
+    let len = match r.parse_with_uninit_headers(buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err(Parsed::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(Parsed::Refuse(TOO_LARGE)),
+        Err(_) => return Err(Parsed::Refuse(BAD_REQUEST)),
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    spans.clear();
+    for h in r.headers.iter() {
+        let ((no, nl), (vo, vl)) = (at(h.name.as_bytes()), at(h.value));
+        spans.push((no, nl, vo, vl));
+    }
+    let line = crate::h1parse::RequestLine {
+        method: at(r.method.unwrap_or("").as_bytes()),
+        target: at(r.path.unwrap_or("").as_bytes()),
+        version: r.version.unwrap_or(0),
+    };
+    Ok((line, len))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -20,6 +20,7 @@ pub mod error;
 pub mod grpc;
 pub mod headers;
 pub mod health;
+pub mod h1parse;
 pub mod http1;
 pub mod listener;
 pub mod metrics;

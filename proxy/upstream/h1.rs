@@ -449,18 +449,17 @@ fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<(Response<()>, Framing, bool)>, Failure> {
+    let mut spans = crate::headers::Spans::new(0);
     loop {
-        // Left uninitialised: no 4 KiB memset per response.
-        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let parser = httparse::ParserConfig::default();
-        let n = match parser.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(Failure::Failed(format!("bad response head: {e}").into())),
+        // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
+        let (line, n) = match crate::h1parse::response(buf, &mut spans) {
+            Some(parsed) => parsed,
+            None => match parse_any(buf, &mut spans)? {
+                Some(parsed) => parsed,
+                None => return Ok(None),
+            },
         };
-        let code = parsed.code.unwrap_or(0);
-        let status = StatusCode::from_u16(code)
+        let status = StatusCode::from_u16(line.code)
             .map_err(|_| Failure::Failed("bad response status".into()))?;
         if status.is_informational() {
             if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -474,24 +473,19 @@ fn parse_head(
             }
             continue;
         }
-        let version = if parsed.version == Some(0) {
+        let version = if line.version == 0 {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
-        // Where each header sits in the head, so the values can share its bytes.
-        let base = buf.as_ptr() as usize;
-        let count = parsed.headers.len();
-        let mut spans = crate::headers::Spans::new(count);
+        let count = spans.len();
         let mut facts = HeadFacts::default();
-        for (span, h) in spans.as_mut_slice().iter_mut().zip(parsed.headers.iter()) {
-            if facts.add(h.name.as_bytes(), h.value) {
+        for span in spans.as_mut_slice() {
+            let &mut (no, nl, vo, vl) = span;
+            if facts.add(&buf[no..no + nl], &buf[vo..vo + vl]) {
                 // consumed here (keep-alive); left out of the map (an empty span)
-                continue;
+                *span = (0, 0, 0, 0);
             }
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            *span = (name, h.name.len(), value, h.value.len());
         }
         let head = buf.split_to(n).freeze();
         let mut headers = crate::headers::map_with_capacity(count);
@@ -513,6 +507,36 @@ fn parse_head(
         *resp.headers_mut() = headers;
         return Ok(Some((resp, framing, keep_alive)));
     }
+}
+
+/// A head [`crate::h1parse`] left alone, by `httparse`: every form the RFCs allow; `None`
+/// if it is not complete yet.
+fn parse_any(
+    buf: &[u8],
+    spans: &mut crate::headers::Spans,
+) -> Result<Option<(crate::h1parse::StatusLine, usize)>, Failure> {
+    // Left uninitialised: no 4 KiB memset per response.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parser = httparse::ParserConfig::default();
+    let n = match parser.parse_response_with_uninit_headers(&mut parsed, buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(Failure::Failed(format!("bad response head: {e}").into())),
+    };
+    // Where each header sits in the head, so the values can share its bytes.
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    for h in parsed.headers.iter() {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        spans.push((name, h.name.len(), value, h.value.len()));
+    }
+    let line = crate::h1parse::StatusLine {
+        code: parsed.code.unwrap_or(0),
+        version: parsed.version.unwrap_or(1),
+    };
+    Ok(Some((line, n)))
 }
 
 /// What a response head's framing and connection headers say, gathered in the one pass
