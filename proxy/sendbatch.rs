@@ -45,6 +45,8 @@ struct Entry {
     len: usize,
     waker: Waker,
     result: Option<io::Result<usize>>,
+    /// Sent whole, its writer is not woken ([`send_quiet`]).
+    quiet: bool,
 }
 
 struct Batch {
@@ -125,6 +127,18 @@ pub async fn flusher() {
 /// fewer than `buf.len()`, or `WouldBlock` if the socket had no room). `None` when this
 /// thread does not batch (see [`init`]) or `buf` is larger than [`MAX_SEND`].
 pub fn send(fd: RawFd, buf: &[u8]) -> Option<Send> {
+    queue(fd, buf, false).map(|key| Send { key: Some(key) })
+}
+
+/// Queues `buf` as [`send`] does, for a writer that goes on without waiting for it (a
+/// request to a backend, whose writer waits for the answer next): a send that goes out whole
+/// does not wake it — one task wake-up and poll less a request; one that does not (an error,
+/// a full socket, a short count) does, through [`Ticket::poll_trouble`].
+pub fn send_quiet(fd: RawFd, buf: &[u8]) -> Option<Ticket> {
+    queue(fd, buf, true).map(|key| Ticket { key: Some(key) })
+}
+
+fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
     if buf.len() > MAX_SEND {
         return None;
     }
@@ -139,13 +153,71 @@ pub fn send(fd: RawFd, buf: &[u8]) -> Option<Send> {
             len: buf.len(),
             waker: Waker::noop().clone(),
             result: None,
+            quiet,
         });
         batch.queued.push(key);
         if let Some(w) = batch.flusher.take() {
             w.wake();
         }
-        Some(Send { key: Some(key) })
+        Some(key)
     })
+}
+
+/// A send queued by [`send_quiet`].
+pub struct Ticket {
+    key: Option<usize>,
+}
+
+impl Ticket {
+    /// Ready with the send's result if it did not send everything (an error, `WouldBlock`,
+    /// or a short count: the writer must deal with the rest); pending while it waits for the
+    /// flush, and for good once it went out whole (nothing to wake for).
+    pub fn poll_trouble(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(key) = self.key else {
+            return Poll::Pending;
+        };
+        BATCH.with(|b| {
+            let mut b = b.borrow_mut();
+            let Some(batch) = b.as_mut() else {
+                self.key = None;
+                return Poll::Ready(Err(io::ErrorKind::Other.into()));
+            };
+            let Some(entry) = batch.entries.get_mut(key) else {
+                self.key = None;
+                return Poll::Ready(Err(io::ErrorKind::Other.into()));
+            };
+            let Some(r) = entry.result.take() else {
+                entry.waker.clone_from(cx.waker());
+                return Poll::Pending;
+            };
+            let whole = matches!(r, Ok(n) if n == entry.len);
+            batch.entries.remove(key);
+            self.key = None;
+            if whole {
+                Poll::Pending
+            } else {
+                Poll::Ready(r)
+            }
+        })
+    }
+
+    /// Did the send go out whole? `false` if it did not or has not gone out yet (and then
+    /// it never will: the ticket is given up, taking the send out of the batch).
+    pub fn settle(mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_trouble(&mut cx) {
+            Poll::Ready(_) => false,
+            Poll::Pending => self.key.is_none(),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            withdraw(key);
+        }
+    }
 }
 
 /// A queued send's result, to await.
@@ -185,19 +257,25 @@ impl Future for Send {
 
 impl Drop for Send {
     fn drop(&mut self) {
-        let Some(key) = self.key else { return };
-        BATCH.with(|b| {
-            let Ok(mut b) = b.try_borrow_mut() else {
-                return;
-            };
-            let Some(batch) = b.as_mut() else { return };
-            // Not flushed yet: out of the batch (its bytes stay, unsent, until the flush).
-            if let Some(i) = batch.queued.iter().position(|&k| k == key) {
-                batch.queued.remove(i);
-            }
-            batch.entries.try_remove(key);
-        });
+        if let Some(key) = self.key {
+            withdraw(key);
+        }
     }
+}
+
+/// A writer gave up its send: taken out of the batch if not flushed yet, forgotten if it was.
+fn withdraw(key: usize) {
+    BATCH.with(|b| {
+        let Ok(mut b) = b.try_borrow_mut() else {
+            return;
+        };
+        let Some(batch) = b.as_mut() else { return };
+        // Not flushed yet: out of the batch (its bytes stay, unsent, until the flush).
+        if let Some(i) = batch.queued.iter().position(|&k| k == key) {
+            batch.queued.remove(i);
+        }
+        batch.entries.try_remove(key);
+    });
 }
 
 impl Batch {
@@ -265,12 +343,15 @@ impl Batch {
                     reaped += 1;
                     let r = cqe.result();
                     if let Some(entry) = self.entries.get_mut(cqe.user_data() as usize) {
+                        let whole = r >= 0 && r as usize == entry.len;
                         entry.result = Some(if r >= 0 {
                             Ok(r as usize)
                         } else {
                             Err(io::Error::from_raw_os_error(-r))
                         });
-                        entry.waker.wake_by_ref();
+                        if !(whole && entry.quiet) {
+                            entry.waker.wake_by_ref();
+                        }
                     }
                 }
             }
@@ -390,6 +471,62 @@ mod tests {
         writer.await.unwrap().unwrap();
         assert!(got[..filler.len()] == filler[..], "filler differs");
         assert!(got[filler.len()..] == want[..], "message differs");
+    }
+
+    /// Counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_send_wakes_its_writer_only_when_it_did_not_go_out_whole() {
+        if !setup() {
+            return;
+        }
+        let counter = std::sync::Arc::new(Counter(0.into()));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || counter.0.load(std::sync::atomic::Ordering::SeqCst);
+        // Whole: never woken, and settled as sent.
+        let (a, mut b) = pair().await;
+        let mut t = send_quiet(a.as_raw_fd(), b"hello").unwrap();
+        assert!(t.poll_trouble(&mut cx).is_pending());
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        assert!(t.poll_trouble(&mut cx).is_pending());
+        assert_eq!(woken(), 0, "a send that went out whole woke its writer");
+        assert!(t.settle());
+        // A full socket: woken, with what went (a short count, or none).
+        let (a, _b) = pair().await;
+        let chunk = [0u8; 64 * 1024];
+        while a.try_write(&chunk).is_ok() {}
+        let msg = vec![7u8; 60 * 1024];
+        let mut t = send_quiet(a.as_raw_fd(), &msg).unwrap();
+        assert!(t.poll_trouble(&mut cx).is_pending());
+        for _ in 0..100 {
+            if woken() > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(woken(), 1);
+        match t.poll_trouble(&mut cx) {
+            Poll::Ready(Ok(n)) => assert!(n < msg.len()),
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+            Poll::Pending => panic!("no trouble reported"),
+        }
+        // One not flushed yet is taken back by `settle`, and never sent.
+        let (a, mut b) = pair().await;
+        assert!(!send_quiet(a.as_raw_fd(), b"lost").unwrap().settle());
+        crate::http1::write_now(&mut { a }, b"kept").await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"kept");
     }
 
     #[tokio::test]

@@ -399,16 +399,25 @@ async fn talk(
     head_request: bool,
 ) -> Result<(Response<()>, Framing, bool), Failure> {
     crate::workers::gather().await;
+    // The head (and a small body) goes out with the rest of the turn's sends, and this task
+    // does not wait for it: the answer is what it waits for next, and a send that goes out
+    // whole does not wake it (`sendbatch::send_quiet`: one wake-up and poll less a request).
+    let mut ticket = None;
     let wrote = match body {
-        Some(b) if b.len() <= COALESCE => {
-            wbuf.extend_from_slice(b);
-            crate::http1::write_now(stream, wbuf).await
-        }
-        Some(b) => match crate::http1::write_now(stream, wbuf).await {
+        Some(b) if b.len() > COALESCE => match crate::http1::write_now(stream, wbuf).await {
             Ok(()) => stream.write_all(b).await,
             Err(e) => Err(e),
         },
-        None => crate::http1::write_now(stream, wbuf).await,
+        _ => {
+            if let Some(b) = body {
+                wbuf.extend_from_slice(b);
+            }
+            ticket = crate::sendbatch::send_quiet(std::os::fd::AsRawFd::as_raw_fd(&*stream), wbuf);
+            match ticket {
+                Some(_) => Ok(()),
+                None => crate::http1::write_now(stream, wbuf).await,
+            }
+        }
     };
     wrote.map_err(Failure::Stale)?;
     rbuf.clear();
@@ -416,7 +425,12 @@ async fn talk(
     loop {
         if !rbuf.is_empty() {
             received = true;
-            if let Some(parsed) = parse_head(rbuf, head_request)? {
+            if let Some(mut parsed) = parse_head(rbuf, head_request)? {
+                // Answered before the request went out whole (a backend may answer early):
+                // the connection is not used again.
+                if ticket.take().is_some_and(|t| !t.settle()) {
+                    parsed.2 = false;
+                }
                 return Ok(parsed);
             }
             if rbuf.len() > MAX_HEAD {
@@ -424,7 +438,40 @@ async fn talk(
             }
         }
         rbuf.reserve(READ_CHUNK);
-        match crate::http1::read_drained(stream, rbuf).await {
+        let read = match ticket.as_mut() {
+            None => crate::http1::read_drained(stream, rbuf).await,
+            Some(t) => {
+                let event = {
+                    let mut read = std::pin::pin!(crate::http1::read_drained(stream, rbuf));
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(sent) = t.poll_trouble(cx) {
+                            return Poll::Ready(Err(sent));
+                        }
+                        std::future::Future::poll(read.as_mut(), cx).map(Ok)
+                    })
+                    .await
+                };
+                match event {
+                    Ok(read) => read,
+                    // The send did not go out whole: the rest the ordinary way (a full
+                    // socket), or the connection is gone.
+                    Err(sent) => {
+                        ticket = None;
+                        let rest = match sent {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                            Err(e) => return Err(Failure::Stale(e)),
+                        };
+                        stream
+                            .write_all(&wbuf[rest..])
+                            .await
+                            .map_err(Failure::Stale)?;
+                        continue;
+                    }
+                }
+            }
+        };
+        match read {
             Ok(0) if !received => {
                 return Err(Failure::Stale(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -894,8 +941,28 @@ mod tests {
         String::from_utf8(b.to_vec()).unwrap()
     }
 
+    /// Sets the test's thread up to batch its sends as a worker does (requests then go out
+    /// through `sendbatch::send_quiet`); false where io_uring is not allowed.
+    fn batched() -> bool {
+        crate::sendbatch::init() && {
+            tokio::spawn(crate::sendbatch::flusher());
+            true
+        }
+    }
+
     #[tokio::test]
     async fn keep_alive_lengths_chunks_and_interim_answers_on_one_connection() {
+        keep_alive_lengths_chunks_and_interim_answers().await;
+    }
+
+    #[tokio::test]
+    async fn keep_alive_lengths_chunks_and_interim_answers_on_one_connection_batched() {
+        if batched() {
+            keep_alive_lengths_chunks_and_interim_answers().await;
+        }
+    }
+
+    async fn keep_alive_lengths_chunks_and_interim_answers() {
         let (addr, mut heads) = canned(vec![
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\n\r\nok\n",
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
@@ -943,6 +1010,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_idle_is_replaced_transparently() {
+        a_connection_closed_while_idle_is_replaced().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced_transparently_batched() {
+        if batched() {
+            a_connection_closed_while_idle_is_replaced().await;
+        }
+    }
+
+    async fn a_connection_closed_while_idle_is_replaced() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
