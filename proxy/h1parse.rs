@@ -378,7 +378,11 @@ mod tests {
                         .iter()
                         .position(|&b| !(b == b'\t' || (0x20..0x7f).contains(&b)))
                         .filter(|&p| v[p] == b'\r');
-                    assert_eq!(value_end(&v, 0), expected, "len {len} stop {stop:#x} at {at}");
+                    assert_eq!(
+                        value_end(&v, 0),
+                        expected,
+                        "len {len} stop {stop:#x} at {at}"
+                    );
                 }
             }
         }

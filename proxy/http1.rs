@@ -125,6 +125,9 @@ pub(crate) fn serve(
         // a new timer per request took the wheel's lock twice and, when it was the earliest,
         // woke the worker's event loop through its eventfd.
         let mut timer = std::pin::pin!(crate::clock::timer());
+        // The last answer, sent quietly (`exchange`): settled before the connection writes
+        // again, closes or changes hands.
+        let mut ticket: Option<crate::sendbatch::Ticket> = None;
         loop {
             if buf.is_empty() {
                 // Idle: hold no buffer while waiting for the next request (this thread's
@@ -149,6 +152,7 @@ pub(crate) fn serve(
                     n.enable();
                 }
                 if shared.closing.is_set() {
+                    settle(&mut stream, &mut ticket).await;
                     return;
                 }
                 let due = park.unwrap_or(wait);
@@ -171,12 +175,40 @@ pub(crate) fn serve(
                                 Some(n) => n.await,
                                 None => std::future::pending().await,
                             }
-                        } => return,
+                        } => break Woke::Closing,
+                        // The last answer did not go out whole (rare: a full socket). Last:
+                        // when the next request wakes the task, it is not looked at again
+                        // here (`settle` does, once).
+                        sent = std::future::poll_fn(|cx| match ticket.as_mut() {
+                            Some(t) => t.poll_trouble(cx),
+                            None => Poll::Pending,
+                        }) => break Woke::Trouble(sent),
                     }
                 };
-                if woke != Woke::Readable {
-                    // A socket error, or the idle timeout: closed; the time to park: parked.
-                    if woke == Woke::Failed || park.is_none() {
+                let woke_due = match woke {
+                    Woke::Readable => false,
+                    Woke::Trouble(sent) => {
+                        ticket = None;
+                        match sent {
+                            Ok(rest) if stream.write_all(&rest).await.is_ok() => continue,
+                            _ => return,
+                        }
+                    }
+                    Woke::Closing => {
+                        settle(&mut stream, &mut ticket).await;
+                        return;
+                    }
+                    Woke::Failed => return,
+                    Woke::Due => {
+                        if !settle(&mut stream, &mut ticket).await {
+                            return;
+                        }
+                        true
+                    }
+                };
+                if woke_due {
+                    // The idle timeout: closed; the time to park: parked.
+                    if park.is_none() {
                         return;
                     }
                     let Ok(std) = stream.into_std() else { return };
@@ -211,7 +243,19 @@ pub(crate) fn serve(
             }
             // Everything a request needs lives in this boxed future, so that the connection's
             // own task (what an idle connection costs) stays a few hundred bytes.
-            let next = Box::pin(request(&mut stream, &mut buf, &shared, &info, first)).await;
+            // The last answer goes out before anything else does (pipelined requests).
+            if ticket.is_some() && !settle(&mut stream, &mut ticket).await {
+                return;
+            }
+            let next = Box::pin(request(
+                &mut stream,
+                &mut buf,
+                &shared,
+                &info,
+                first,
+                &mut ticket,
+            ))
+            .await;
             match next {
                 Next::KeepAlive => first = None,
                 Next::Close => return,
@@ -234,9 +278,12 @@ pub(crate) fn serve(
 }
 
 /// How a wait between requests ended.
-#[derive(PartialEq, Eq)]
 enum Woke {
     Readable,
+    /// The last answer, sent quietly, did not go out whole: what is left, or the error.
+    Trouble(io::Result<Vec<u8>>),
+    /// The server is shutting down.
+    Closing,
     /// Its deadline came: the time to park, or the idle timeout.
     Due,
     /// The socket failed.
@@ -251,6 +298,18 @@ enum Next {
     Handover,
 }
 
+/// Waits for an answer sent quietly to go out whole (before the connection writes again,
+/// closes or changes hands), sending what is left of it; false if the connection failed.
+async fn settle(stream: &mut TcpStream, ticket: &mut Option<crate::sendbatch::Ticket>) -> bool {
+    let Some(mut t) = ticket.take() else {
+        return true;
+    };
+    match t.done().await {
+        Ok(rest) => rest.is_empty() || stream.write_all(&rest).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// Reads one request's head (and small body) from `buf` and the socket, runs the exchange.
 async fn request(
     stream: &mut TcpStream,
@@ -258,6 +317,7 @@ async fn request(
     shared: &Shared,
     info: &ConnInfo,
     first: Option<Instant>,
+    ticket: &mut Option<crate::sendbatch::Ticket>,
 ) -> Next {
     let limits = &info.listener.limits;
     // The head is due within the header timeout of its first byte (of the accept, for the
@@ -310,7 +370,7 @@ async fn request(
     };
     *req.body_mut() = RequestBody::Full(body);
     let _busy = crate::workers::Busy::start();
-    if exchange(stream, shared, info, req, keep_alive).await {
+    if exchange(stream, shared, info, req, keep_alive, ticket).await {
         Next::KeepAlive
     } else {
         Next::Close
@@ -524,6 +584,7 @@ async fn exchange(
     info: &ConnInfo,
     req: Box<Request<RequestBody>>,
     keep_alive: bool,
+    ticket: &mut Option<crate::sendbatch::Ticket>,
 ) -> bool {
     let head_only = req.method() == Method::HEAD;
     let version = req.version();
@@ -599,7 +660,7 @@ async fn exchange(
     crate::workers::gather().await;
     if no_body {
         drop(resp);
-        return write_now(stream, &out).await.is_ok() && keep;
+        return write_last(stream, &out, keep, ticket).await && keep;
     }
     let mut sent: u64 = 0;
     loop {
@@ -668,13 +729,34 @@ async fn exchange(
         }
         Framing::Close => true,
     };
-    if !out.is_empty() && write_now(stream, &out).await.is_err() {
+    if !out.is_empty() && !write_last(stream, &out, complete && keep, ticket).await {
         return false;
     }
     if !complete {
         tracing::debug!(client = %info.peer, "response body shorter than its length");
     }
     complete && keep
+}
+
+/// An answer's last bytes. On a connection that stays open they go out quietly with the
+/// turn's other sends, and the task goes back to waiting for the next request without
+/// waiting for them (`sendbatch::send_quiet`: one wake-up and poll less a request; `serve`
+/// settles the ticket); otherwise written and waited for.
+async fn write_last(
+    stream: &mut TcpStream,
+    out: &[u8],
+    keep: bool,
+    ticket: &mut Option<crate::sendbatch::Ticket>,
+) -> bool {
+    if keep {
+        if let Some(t) =
+            crate::sendbatch::send_quiet(std::os::fd::AsRawFd::as_raw_fd(&*stream), out)
+        {
+            *ticket = Some(t);
+            return true;
+        }
+    }
+    write_now(stream, out).await.is_ok()
 }
 
 /// An answer's write buffer, taken from this thread's spares and given back when the answer

@@ -47,6 +47,10 @@ struct Entry {
     result: Option<io::Result<usize>>,
     /// Sent whole, its writer is not woken ([`send_quiet`]).
     quiet: bool,
+    /// A [`Ticket`]'s send: the bytes that did not go out are kept past the flush, in `rest`,
+    /// for its writer.
+    ticket: bool,
+    rest: Vec<u8>,
 }
 
 struct Batch {
@@ -131,9 +135,10 @@ pub fn send(fd: RawFd, buf: &[u8]) -> Option<Send> {
 }
 
 /// Queues `buf` as [`send`] does, for a writer that goes on without waiting for it (a
-/// request to a backend, whose writer waits for the answer next): a send that goes out whole
-/// does not wake it — one task wake-up and poll less a request; one that does not (an error,
-/// a full socket, a short count) does, through [`Ticket::poll_trouble`].
+/// request to a backend, whose writer waits for the answer next; an answer on a keep-alive
+/// connection, whose writer waits for the next request): a send that goes out whole does not
+/// wake it — one task wake-up and poll less a message; one that does not (an error, a full
+/// socket, a short count) does, and hands back what did not go ([`Ticket::poll_trouble`]).
 pub fn send_quiet(fd: RawFd, buf: &[u8]) -> Option<Ticket> {
     queue(fd, buf, true).map(|key| Ticket { key: Some(key) })
 }
@@ -154,6 +159,8 @@ fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
             waker: Waker::noop().clone(),
             result: None,
             quiet,
+            ticket: quiet,
+            rest: Vec::new(),
         });
         batch.queued.push(key);
         if let Some(w) = batch.flusher.take() {
@@ -163,18 +170,44 @@ fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
     })
 }
 
-/// A send queued by [`send_quiet`].
+/// A send queued by [`send_quiet`]. Dropped before the flush, it takes its send out of the
+/// batch; so a writer about to close its connection or write again waits for it
+/// ([`Ticket::done`]) first.
 pub struct Ticket {
     key: Option<usize>,
 }
 
 impl Ticket {
-    /// Ready with the send's result if it did not send everything (an error, `WouldBlock`,
-    /// or a short count: the writer must deal with the rest); pending while it waits for the
-    /// flush, and for good once it went out whole (nothing to wake for).
-    pub fn poll_trouble(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Ready if the send did not go out whole, with the bytes left to send (a full socket:
+    /// the writer sends them the ordinary way) or the connection's error; pending while it
+    /// waits for the flush, and for good once it went out whole (nothing to wake for).
+    pub fn poll_trouble(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Vec<u8>>> {
+        self.poll(cx, false)
+    }
+
+    /// Waits for the flush: the bytes left to send (none when it went out whole), or the
+    /// connection's error.
+    pub async fn done(&mut self) -> io::Result<Vec<u8>> {
+        std::future::poll_fn(|cx| self.poll(cx, true)).await
+    }
+
+    /// Did the send go out whole? `false` if it did not or has not gone out yet (and then
+    /// it never will: the ticket is given up, taking the send out of the batch).
+    pub fn settle(mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll(&mut cx, false) {
+            Poll::Ready(_) => false,
+            Poll::Pending => self.key.is_none(),
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<io::Result<Vec<u8>>> {
         let Some(key) = self.key else {
-            return Poll::Pending;
+            return if wait {
+                Poll::Ready(Ok(Vec::new()))
+            } else {
+                Poll::Pending
+            };
         };
         BATCH.with(|b| {
             let mut b = b.borrow_mut();
@@ -188,27 +221,22 @@ impl Ticket {
             };
             let Some(r) = entry.result.take() else {
                 entry.waker.clone_from(cx.waker());
+                // A writer waiting for the flush is woken by it, whatever its result.
+                entry.quiet &= !wait;
                 return Poll::Pending;
             };
             let whole = matches!(r, Ok(n) if n == entry.len);
+            let rest = std::mem::take(&mut entry.rest);
             batch.entries.remove(key);
             self.key = None;
-            if whole {
-                Poll::Pending
-            } else {
-                Poll::Ready(r)
+            match r {
+                _ if whole && !wait => Poll::Pending,
+                _ if whole => Poll::Ready(Ok(Vec::new())),
+                Ok(_) => Poll::Ready(Ok(rest)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(rest)),
+                Err(e) => Poll::Ready(Err(e)),
             }
         })
-    }
-
-    /// Did the send go out whole? `false` if it did not or has not gone out yet (and then
-    /// it never will: the ticket is given up, taking the send out of the batch).
-    pub fn settle(mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.poll_trouble(&mut cx) {
-            Poll::Ready(_) => false,
-            Poll::Pending => self.key.is_none(),
-        }
     }
 }
 
@@ -344,6 +372,10 @@ impl Batch {
                     let r = cqe.result();
                     if let Some(entry) = self.entries.get_mut(cqe.user_data() as usize) {
                         let whole = r >= 0 && r as usize == entry.len;
+                        if entry.ticket && !whole && (r >= 0 || r == -libc::EAGAIN) {
+                            let sent = r.max(0) as usize;
+                            entry.rest = self.bytes[entry.at + sent..entry.at + entry.len].to_vec();
+                        }
                         entry.result = Some(if r >= 0 {
                             Ok(r as usize)
                         } else {
@@ -516,8 +548,12 @@ mod tests {
         }
         assert_eq!(woken(), 1);
         match t.poll_trouble(&mut cx) {
-            Poll::Ready(Ok(n)) => assert!(n < msg.len()),
-            Poll::Ready(Err(e)) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+            // What did not go is handed back: the end of the message.
+            Poll::Ready(Ok(rest)) => {
+                assert!(!rest.is_empty() && rest.len() <= msg.len());
+                assert!(rest.iter().all(|&c| c == 7));
+            }
+            Poll::Ready(Err(e)) => panic!("{e}"),
             Poll::Pending => panic!("no trouble reported"),
         }
         // One not flushed yet is taken back by `settle`, and never sent.

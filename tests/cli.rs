@@ -239,7 +239,15 @@ async fn per_core_workers_park_and_resume_idle_connections() {
 /// ready: the backend, the config (its directory lives as long as it does), the process and
 /// the base URL (`http://127.0.0.1:PORT`).
 async fn binary_with(server: String) -> (TestBackend, BinaryConfig, std::process::Child, String) {
-    let b = backend("a").spawn().await;
+    binary_before("a", server).await
+}
+
+/// [`binary_with`], its backend named (and answering) `name`.
+async fn binary_before(
+    name: &str,
+    server: String,
+) -> (TestBackend, BinaryConfig, std::process::Child, String) {
+    let b = backend(name).spawn().await;
     let cfg = binary_config(|_| server, b.addr);
     let child = run_binary(&[], &cfg.path);
     wait_ready(&format!("http://127.0.0.1:{}/ready", cfg.admin)).await;
@@ -322,6 +330,83 @@ async fn per_core_workers_carry_messages_larger_than_one_read() {
     }
     assert_eq!(b.hits(), 8 * 5 * 3);
     stop_binary(child).await;
+}
+
+/// Through the binary's per-core workers (sends batched): a client that pipelines 1,000
+/// requests for 12,000-byte answers (12 MB, more than its sockets hold) in one write and reads nothing for a while fills its
+/// sockets, so answers sent quietly with the turn's batch (each one write, head and body) go
+/// out in part or not at all and the rest follows the ordinary way; each answer must go out
+/// before the next request's: all 1,000 arrive, whole and in order.
+#[tokio::test]
+async fn per_core_workers_answer_a_pipelining_client_that_reads_late_in_order() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = "n".repeat(12_000);
+    let (b, _cfg, child, base) = binary_before(&name, "worker_threads = 2".to_string()).await;
+    let port = base.rsplit(':').next().unwrap();
+    let mut s = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut requests = Vec::new();
+    for i in 0..1000 {
+        requests.extend_from_slice(format!("GET /?n={i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    }
+    s.write_all(&requests).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut answers, mut at) = (0, 0);
+    while answers < 1000 {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the answers stopped")
+            .unwrap();
+        assert!(n > 0, "closed after {answers} answers");
+        got.extend_from_slice(&buf[..n]);
+        // Every whole answer in what has arrived: a 200 with the backend's name.
+        while let Some((len, body)) = whole_answer(&got[at..]) {
+            assert_eq!(body, name.len(), "answer {answers}");
+            assert!(got[at + len - body..at + len].iter().all(|&c| c == b'n'));
+            at += len;
+            answers += 1;
+        }
+    }
+    assert_eq!(at, got.len(), "bytes after the last answer");
+    assert_eq!(b.hits(), 1000);
+    stop_binary(child).await;
+}
+
+/// The first answer in `buf`, if it is all there: its length on the wire and its body's
+/// (a 200, with a `content-length` or chunked).
+fn whole_answer(buf: &[u8]) -> Option<(usize, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    if let Some(l) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
+        let n: usize = l.trim().parse().unwrap();
+        return (buf.len() >= end + n).then_some((end + n, n));
+    }
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let (mut at, mut body) = (end, 0);
+    loop {
+        let line = buf[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&buf[at..at + line]).unwrap(), 16).unwrap();
+        at += line + 2;
+        if size == 0 {
+            return (buf.len() >= at + 2).then(|| {
+                assert_eq!(&buf[at..at + 2], b"\r\n");
+                (at + 2, body)
+            });
+        }
+        if buf.len() < at + size + 2 {
+            return None;
+        }
+        at += size + 2;
+        body += size;
+    }
 }
 
 /// Sends `req` on `client` (keep-alive), asserts a 200 and returns the whole body.

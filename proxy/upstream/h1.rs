@@ -443,11 +443,13 @@ async fn talk(
             Some(t) => {
                 let event = {
                     let mut read = std::pin::pin!(crate::http1::read_drained(stream, rbuf));
+                    // The answer first: when it wakes the task, the send is not looked
+                    // at here (`settle` does, once).
                     std::future::poll_fn(|cx| {
-                        if let Poll::Ready(sent) = t.poll_trouble(cx) {
-                            return Poll::Ready(Err(sent));
+                        if let Poll::Ready(read) = std::future::Future::poll(read.as_mut(), cx) {
+                            return Poll::Ready(Ok(read));
                         }
-                        std::future::Future::poll(read.as_mut(), cx).map(Ok)
+                        t.poll_trouble(cx).map(Err)
                     })
                     .await
                 };
@@ -457,15 +459,8 @@ async fn talk(
                     // socket), or the connection is gone.
                     Err(sent) => {
                         ticket = None;
-                        let rest = match sent {
-                            Ok(n) => n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                            Err(e) => return Err(Failure::Stale(e)),
-                        };
-                        stream
-                            .write_all(&wbuf[rest..])
-                            .await
-                            .map_err(Failure::Stale)?;
+                        let rest = sent.map_err(Failure::Stale)?;
+                        stream.write_all(&rest).await.map_err(Failure::Stale)?;
                         continue;
                     }
                 }
