@@ -1,4 +1,4 @@
-//! The hot path piece by piece: the route lookup, the header rewrite, and one whole request
+//! The hot path piece by piece: the head parser, the route lookup, the header rewrite, and one whole request
 //! through the proxy service (client → fulcrum → backend on loopback, keep-alive both sides)
 //! beside the same request sent straight to the backend. A counting allocator reports the
 //! heap allocations each costs; the whole-request figure is fulcrum's share (proxied minus
@@ -180,6 +180,53 @@ fn header_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
+/// What oha sends and what the anchors' nginx backend answers: the heads every proxied request
+/// of the load tests parses.
+const OHA_REQUEST: &[u8] = b"GET / HTTP/1.1\r\naccept: */*\r\naccept-encoding: gzip, compress, deflate, br\r\nuser-agent: oha/1.16.0\r\nhost: 127.0.0.1:8080\r\n\r\n";
+const NGINX_RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 07:31:07 GMT\r\nContent-Type: text/plain\r\nContent-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n";
+
+/// fulcrum's parser for plain heads beside `httparse`, which it falls back to.
+fn parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("parse");
+    g.bench_function("request_h1parse", |b| {
+        b.iter(|| {
+            let mut spans = fulcrum::headers::Spans::new(0);
+            black_box(fulcrum::h1parse::request(
+                black_box(OHA_REQUEST),
+                &mut spans,
+            ));
+            black_box(spans.len())
+        })
+    });
+    g.bench_function("request_httparse", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; 100];
+            let mut r = httparse::Request::new(&mut headers);
+            black_box(r.parse(black_box(OHA_REQUEST)).is_ok());
+            black_box(r.headers.len())
+        })
+    });
+    g.bench_function("response_h1parse", |b| {
+        b.iter(|| {
+            let mut spans = fulcrum::headers::Spans::new(0);
+            black_box(fulcrum::h1parse::response(
+                black_box(NGINX_RESPONSE),
+                &mut spans,
+            ));
+            black_box(spans.len())
+        })
+    });
+    g.bench_function("response_httparse", |b| {
+        b.iter(|| {
+            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut r = httparse::Response::new(&mut headers);
+            black_box(r.parse(black_box(NGINX_RESPONSE)).is_ok());
+            black_box(r.headers.len())
+        })
+    });
+    g.finish();
+}
+
 async fn backend() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -261,5 +308,5 @@ fn request(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, router, header_rewrite, request);
+criterion_group!(benches, parse, router, header_rewrite, request);
 criterion_main!(benches);

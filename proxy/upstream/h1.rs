@@ -529,6 +529,23 @@ fn parse_head(
                 *span = (0, 0, 0, 0);
             }
         }
+        let framing = framing(&facts, status, head_request)?;
+        // A body's length that its size hint carries exactly (every `Framing::Length`, and an
+        // empty body by `Content-Length: 0`) stays out of the map: fulcrum's server side
+        // writes it again from the body, as hyper's does. HEAD, 204 and 304 answers keep it.
+        let sized = !head_request
+            && status != StatusCode::NO_CONTENT
+            && status != StatusCode::NOT_MODIFIED
+            && facts.chunked.is_none()
+            && facts.length.is_some();
+        if sized {
+            for span in spans.as_mut_slice() {
+                let &mut (no, nl, _, _) = span;
+                if buf[no..no + nl].eq_ignore_ascii_case(b"content-length") {
+                    *span = (0, 0, 0, 0);
+                }
+            }
+        }
         let head = buf.split_to(n).freeze();
         let mut headers = crate::headers::map_with_capacity(count);
         for span @ &(n_at, n_len, v_at, v_len) in spans.as_slice() {
@@ -541,7 +558,6 @@ fn parse_head(
                 .map_err(|_| Failure::Failed("bad response header value".into()))?;
             headers.append(name, value);
         }
-        let framing = framing(&facts, status, head_request)?;
         let keep_alive = facts.connection.keep_alive(version);
         let mut resp = Response::new(());
         *resp.status_mut() = status;
@@ -1169,7 +1185,9 @@ mod tests {
             let Ok(Some((resp, _, _))) = parse_head(&mut buf, false) else {
                 panic!("{n} headers: not parsed")
             };
-            assert_eq!(resp.headers().len(), n + 1);
+            // Every header but the length, which the body's size hint carries.
+            assert_eq!(resp.headers().len(), n);
+            assert!(!resp.headers().contains_key("content-length"));
             for i in 0..n {
                 assert_eq!(
                     resp.headers()[format!("x-{i}").as_str()],
@@ -1178,6 +1196,37 @@ mod tests {
             }
             assert!(buf.is_empty());
         }
+    }
+
+    /// A length stays in the map only where no body carries it: answers to HEAD, 204, 304,
+    /// and a chunked answer's (the size hint is not exact there).
+    #[test]
+    fn the_length_leaves_the_map_only_when_the_body_carries_it() {
+        let kept = |text: &[u8], head_request: bool| {
+            let mut buf = BytesMut::from(text);
+            let Ok(Some((resp, framing, _))) = parse_head(&mut buf, head_request) else {
+                panic!("not parsed: {}", String::from_utf8_lossy(text))
+            };
+            (resp.headers().get("content-length").cloned(), framing)
+        };
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(kept(ok, false), (None, Framing::Length(5)));
+        assert_eq!(
+            kept(ok, true),
+            (Some(HeaderValue::from_static("5")), Framing::Empty)
+        );
+        let empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(kept(empty, false), (None, Framing::Empty));
+        let not_modified = b"HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n";
+        assert_eq!(
+            kept(not_modified, false),
+            (Some(HeaderValue::from_static("9")), Framing::Empty)
+        );
+        let chunked = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(
+            kept(chunked, false),
+            (Some(HeaderValue::from_static("9")), Framing::Chunked)
+        );
     }
 
     #[test]
