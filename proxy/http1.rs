@@ -430,10 +430,12 @@ pub(crate) fn try_read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Re
     }
 }
 
-/// Waits until the socket is readable, then [`try_read_drained`].
+/// Waits until the socket is readable, then [`try_read_drained`]. The wait keeps the task's
+/// waker in the socket's one reader slot (`poll_read_ready`), where `readable()` would add a
+/// waiter to a list under a lock, and the wake-up walk it: one reader per socket here.
 pub(crate) async fn read_drained(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     loop {
-        stream.readable().await?;
+        std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await?;
         match try_read_drained(stream, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
