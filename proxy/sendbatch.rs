@@ -17,7 +17,10 @@
 //! reaped and nothing of the batch left in the kernel's hands. A writer gets its result from
 //! the completion (a short send's rest is written the ordinary way). A writer dropped before
 //! the flush takes its send out of the batch, so a send never reaches a descriptor its
-//! connection has closed.
+//! connection has closed. A writer with nothing to do until its peer answers (a request to a
+//! backend, an answer on a keep-alive connection) sends quietly ([`send_quiet`]): it goes on
+//! without waiting, is woken only if its send did not go out whole, and then gets back the
+//! bytes that did not go; before it writes again or closes, it waits for the flush.
 //!
 //! Where io_uring cannot be set up (an old kernel, a sandbox that forbids it), nothing is
 //! batched: writes go out one by one, as before.
