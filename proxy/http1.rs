@@ -198,7 +198,10 @@ pub(crate) fn serve(
                         settle(&mut stream, &mut ticket).await;
                         return;
                     }
-                    Woke::Failed => return,
+                    Woke::Failed => {
+                        settle(&mut stream, &mut ticket).await;
+                        return;
+                    }
                     Woke::Due => {
                         if !settle(&mut stream, &mut ticket).await {
                             return;
@@ -235,10 +238,15 @@ pub(crate) fn serve(
                 }
                 buf = spare_reads::take();
                 match try_read_drained(&stream, &mut buf) {
-                    Ok(0) => return,
-                    Ok(_) => {}
+                    Ok(n) if n > 0 => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return,
+                    // The client is done sending (it may close its side right after its
+                    // request, in the same turn as its answer was queued) or the socket
+                    // failed: the answer still goes out first.
+                    _ => {
+                        settle(&mut stream, &mut ticket).await;
+                        return;
+                    }
                 }
             }
             // Everything a request needs lives in this boxed future, so that the connection's

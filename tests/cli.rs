@@ -375,6 +375,47 @@ async fn per_core_workers_answer_a_pipelining_client_that_reads_late_in_order() 
     stop_binary(child).await;
 }
 
+/// Through the binary's per-core workers (sends batched): clients that send a request and
+/// close their sending side at once (the end of the stream arrives with the request, so the
+/// connection sees it in the same turn as its answer is queued) still get the whole answer
+/// before the connection closes; one connection at a time and sixteen at once.
+#[tokio::test]
+async fn per_core_workers_answer_clients_that_close_their_side_after_the_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (b, _cfg, child, base) = binary_with("worker_threads = 2".to_string()).await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    let ask = move || async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    for round in 0..50 {
+        let answer = ask().await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "round {round}: {answer:?}"
+        );
+        assert!(answer.ends_with("\r\n\r\na"), "round {round}: {answer:?}");
+    }
+    let many: Vec<_> = (0..16).map(|_| tokio::spawn(ask())).collect();
+    for (i, t) in many.into_iter().enumerate() {
+        let answer = t.await.unwrap();
+        assert!(answer.ends_with("\r\n\r\na"), "client {i}: {answer:?}");
+    }
+    assert_eq!(b.hits(), 66);
+    stop_binary(child).await;
+}
+
 /// The first answer in `buf`, if it is all there: its length on the wire and its body's
 /// (a 200, with a `content-length` or chunked).
 fn whole_answer(buf: &[u8]) -> Option<(usize, usize)> {
