@@ -190,7 +190,7 @@ fn parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse");
     g.bench_function("request_h1parse", |b| {
         b.iter(|| {
-            let mut spans = fulcrum::headers::Spans::new(0);
+            let mut spans = fulcrum::headers::Spans::new();
             black_box(fulcrum::h1parse::request(
                 black_box(OHA_REQUEST),
                 &mut spans,
@@ -212,7 +212,7 @@ fn parse(c: &mut Criterion) {
     });
     g.bench_function("response_h1parse", |b| {
         b.iter(|| {
-            let mut spans = fulcrum::headers::Spans::new(0);
+            let mut spans = fulcrum::headers::Spans::new();
             black_box(fulcrum::h1parse::response(
                 black_box(NGINX_RESPONSE),
                 &mut spans,

@@ -116,20 +116,29 @@ pub fn response(buf: &[u8], spans: &mut Spans) -> Option<(StatusLine, usize)> {
     if *buf.get(12)? != b' ' {
         return None;
     }
-    // The reason phrase: tab and printable ASCII (`httparse` takes obs-text too).
-    let mut i = 13;
-    loop {
-        match *buf.get(i)? {
-            b'\t' | 0x20..=0x7e => i += 1,
-            b'\r' => break,
-            _ => return None,
-        }
-    }
+    // The reason phrase: tab and printable ASCII, as a value (`httparse` takes obs-text too).
+    let i = value_end(buf, 13)?;
     if *buf.get(i + 1)? != b'\n' {
         return None;
     }
     let len = fields(buf, i + 2, spans)?;
     Some((StatusLine { code, version }, len))
+}
+
+/// Where the header lines `httparse` parsed out of `buf` sit in it, as `spans` (emptied
+/// first): the fallback's answer in the fast path's form, so both feed the same code.
+pub fn spans_of(buf: &[u8], headers: &[httparse::Header<'_>], spans: &mut Spans) {
+    let base = buf.as_ptr() as usize;
+    spans.clear();
+    for h in headers {
+        let (name, value) = (h.name.as_bytes(), h.value);
+        spans.push((
+            name.as_ptr() as usize - base,
+            name.len(),
+            value.as_ptr() as usize - base,
+            value.len(),
+        ));
+    }
 }
 
 /// One or more token bytes from `*i`, leaving `*i` past them.
@@ -223,20 +232,15 @@ mod tests {
             target: (at(p), p.len()),
             version: r.version?,
         };
-        let fields = r
-            .headers
-            .iter()
-            .map(|h| {
-                let v = if h.value.is_empty() {
-                    // httparse points an empty value anywhere in the line: compare lengths.
-                    0
-                } else {
-                    at(h.value)
-                };
-                (at(h.name.as_bytes()), h.name.len(), v, h.value.len())
-            })
-            .collect();
-        Some((line, fields, n))
+        Some((line, reference_fields(buf, r.headers), n))
+    }
+
+    /// httparse's header lines as the fast parser's spans, through the fallback's own
+    /// conversion.
+    fn reference_fields(buf: &[u8], headers: &[httparse::Header<'_>]) -> Vec<Span> {
+        let mut spans = Spans::new();
+        spans_of(buf, headers, &mut spans);
+        normalised(&spans)
     }
 
     fn reference_response(buf: &[u8]) -> Option<(StatusLine, Vec<Span>, usize)> {
@@ -245,22 +249,15 @@ mod tests {
         let Ok(httparse::Status::Complete(n)) = r.parse(buf) else {
             return None;
         };
-        let at = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
         let line = StatusLine {
             code: r.code?,
             version: r.version?,
         };
-        let fields = r
-            .headers
-            .iter()
-            .map(|h| {
-                let v = if h.value.is_empty() { 0 } else { at(h.value) };
-                (at(h.name.as_bytes()), h.name.len(), v, h.value.len())
-            })
-            .collect();
-        Some((line, fields, n))
+        Some((line, reference_fields(buf, r.headers), n))
     }
 
+    /// The spans with every empty value's offset zeroed: httparse points an empty value
+    /// anywhere in its line, so empty values are compared by length alone.
     fn normalised(spans: &Spans) -> Vec<Span> {
         spans
             .as_slice()
@@ -272,7 +269,7 @@ mod tests {
     /// The property: whatever the fast parser accepts, `httparse` accepts with the same
     /// parts; what it declines, it declines whole.
     fn agrees(buf: &[u8]) -> bool {
-        let mut spans = Spans::new(0);
+        let mut spans = Spans::new();
         let fast = request(buf, &mut spans).map(|(l, n)| (l, normalised(&spans), n));
         if let Some(fast) = &fast {
             assert_eq!(
@@ -282,7 +279,7 @@ mod tests {
                 String::from_utf8_lossy(buf)
             );
         }
-        let mut spans = Spans::new(0);
+        let mut spans = Spans::new();
         let fast_r = response(buf, &mut spans).map(|(l, n)| (l, normalised(&spans), n));
         if let Some(fast_r) = &fast_r {
             assert_eq!(
@@ -312,7 +309,7 @@ mod tests {
         for &head in REQUESTS.iter().chain(RESPONSES) {
             assert!(agrees(head), "{:?}", String::from_utf8_lossy(head));
         }
-        let mut spans = Spans::new(0);
+        let mut spans = Spans::new();
         let (line, n) = request(REQUESTS[0], &mut spans).unwrap();
         assert_eq!(n, REQUESTS[0].len());
         assert_eq!(line.version, 1);
@@ -348,7 +345,7 @@ mod tests {
             b"HTTP/1.1 20 OK\r\n\r\n",
             b"HTTP/1.1 200\r\n\r\n",
         ] {
-            let mut spans = Spans::new(0);
+            let mut spans = Spans::new();
             assert!(
                 request(head, &mut spans).is_none() && response(head, &mut spans).is_none(),
                 "{:?}",
@@ -361,7 +358,7 @@ mod tests {
             many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        assert!(request(&many, &mut Spans::new(0)).is_none());
+        assert!(request(&many, &mut Spans::new()).is_none());
     }
 
     /// Values of every length around the word size, with a stop byte at every place: the

@@ -41,23 +41,18 @@ const INLINE_SPANS: usize = 16;
 /// head with more spills to the heap — zeroing room for the most a head may have (100 or
 /// 128) was a 3-4 KiB memset per head. A span left empty (`(0, 0, 0, 0)`; no header has an
 /// empty name) is a header the parser consumed and leaves out of the map.
+#[derive(Default)]
 pub struct Spans {
     inline: [Span; INLINE_SPANS],
+    /// Every span once there are more than the inline ones hold.
     spilled: Vec<Span>,
     len: usize,
 }
 
 impl Spans {
-    pub fn new(len: usize) -> Spans {
-        Spans {
-            inline: [(0, 0, 0, 0); INLINE_SPANS],
-            spilled: if len > INLINE_SPANS {
-                vec![(0, 0, 0, 0); len]
-            } else {
-                Vec::new()
-            },
-            len,
-        }
+    /// None yet: the parsers [`Spans::push`] them.
+    pub fn new() -> Spans {
+        Spans::default()
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [Span] {

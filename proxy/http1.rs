@@ -387,16 +387,22 @@ async fn request(
 
 /// `write_all` for a small message (an answer, a request to a backend). On a worker that
 /// batches its sends, the message goes out with the rest of the turn's in one io_uring
-/// submission (`crate::sendbatch`); elsewhere a socket that is writable (the usual case on a
-/// keep-alive connection) takes one `try_write`, without the `WriteAll` future, its poll and
-/// the scheduler's budget check around it. Either way the rest of a short write, or all of
-/// it when the socket had no room, goes through `write_all`.
+/// submission (`crate::sendbatch`), waited for; elsewhere a socket that is writable (the
+/// usual case on a keep-alive connection) takes one `try_write`, without the `WriteAll`
+/// future, its poll and the scheduler's budget check around it. Either way the rest of a
+/// short write, or all of it when the socket had no room, goes through `write_all`.
 pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    let first = match crate::sendbatch::send(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf) {
-        Some(send) => send.await,
-        None => stream.try_write(buf),
-    };
-    match first {
+    if let Some(mut t) =
+        crate::sendbatch::send_quiet(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf)
+    {
+        let rest = t.done().await?;
+        return if rest.is_empty() {
+            Ok(())
+        } else {
+            stream.write_all(&rest).await
+        };
+    }
+    match stream.try_write(buf) {
         Ok(n) if n == buf.len() => Ok(()),
         Ok(n) => stream.write_all(&buf[n..]).await,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.write_all(buf).await,
@@ -461,7 +467,7 @@ async fn refuse(stream: &mut TcpStream, answer: &[u8]) -> Next {
 /// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
 /// header values keep sharing them); otherwise `buf` is left as it was.
 fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    let mut spans = crate::headers::Spans::new(0);
+    let mut spans = crate::headers::Spans::new();
     // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
     let (line, len) = match crate::h1parse::request(buf, &mut spans) {
         Some(parsed) => parsed,
@@ -561,13 +567,8 @@ fn parse_any(
         Err(httparse::Error::TooManyHeaders) => return Err(Parsed::Refuse(TOO_LARGE)),
         Err(_) => return Err(Parsed::Refuse(BAD_REQUEST)),
     };
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    spans.clear();
-    for h in r.headers.iter() {
-        let ((no, nl), (vo, vl)) = (at(h.name.as_bytes()), at(h.value));
-        spans.push((no, nl, vo, vl));
-    }
+    crate::h1parse::spans_of(buf, r.headers, spans);
+    let at = |s: &[u8]| (s.as_ptr() as usize - buf.as_ptr() as usize, s.len());
     let line = crate::h1parse::RequestLine {
         method: at(r.method.unwrap_or("").as_bytes()),
         target: at(r.path.unwrap_or("").as_bytes()),

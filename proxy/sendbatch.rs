@@ -14,22 +14,20 @@
 //! — queued behind the writers of the turn, it runs after all of them and submits every send
 //! at once. Sends carry `MSG_DONTWAIT`: io_uring completes each within the submission (a
 //! full socket answers `EAGAIN` instead of waiting), so a flush ends with every completion
-//! reaped and nothing of the batch left in the kernel's hands. A writer gets its result from
-//! the completion (a short send's rest is written the ordinary way). A writer dropped before
-//! the flush takes its send out of the batch, so a send never reaches a descriptor its
-//! connection has closed. A writer with nothing to do until its peer answers (a request to a
-//! backend, an answer on a keep-alive connection) sends quietly ([`send_quiet`]): it goes on
-//! without waiting, is woken only if its send did not go out whole, and then gets back the
-//! bytes that did not go; before it writes again or closes, it waits for the flush.
+//! reaped and nothing of the batch left in the kernel's hands. A writer either waits for the
+//! flush ([`Ticket::done`]) or, with nothing to do until its peer answers (a request to a
+//! backend, an answer on a keep-alive connection), goes on without waiting and is woken only
+//! if its send did not go out whole ([`Ticket::poll_trouble`]); either way it gets back the
+//! bytes that did not go and writes them the ordinary way, and it waits for the flush before
+//! it writes again or closes. A writer that gives its send up before the flush takes it out
+//! of the batch, so a send never reaches a descriptor its connection has closed.
 //!
 //! Where io_uring cannot be set up (an old kernel, a sandbox that forbids it), nothing is
 //! batched: writes go out one by one, as before.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
-use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, types, IoUring};
@@ -48,11 +46,9 @@ struct Entry {
     len: usize,
     waker: Waker,
     result: Option<io::Result<usize>>,
-    /// Sent whole, its writer is not woken ([`send_quiet`]).
+    /// Sent whole, its writer is not woken (unless it waits for the flush: [`Ticket::done`]).
     quiet: bool,
-    /// A [`Ticket`]'s send: the bytes that did not go out are kept past the flush, in `rest`,
-    /// for its writer.
-    ticket: bool,
+    /// The bytes that did not go out, kept past the flush for the writer.
     rest: Vec<u8>,
 }
 
@@ -130,27 +126,18 @@ pub async fn flusher() {
     .await
 }
 
-/// Sends `buf` on `fd` with the rest of this turn's sends: how many bytes went (possibly
-/// fewer than `buf.len()`, or `WouldBlock` if the socket had no room). `None` when this
-/// thread does not batch (see [`init`]) or `buf` is larger than [`MAX_SEND`].
-pub fn send(fd: RawFd, buf: &[u8]) -> Option<Send> {
-    queue(fd, buf, false).map(|key| Send { key: Some(key) })
-}
-
-/// Queues `buf` as [`send`] does, for a writer that goes on without waiting for it (a
-/// request to a backend, whose writer waits for the answer next; an answer on a keep-alive
-/// connection, whose writer waits for the next request): a send that goes out whole does not
-/// wake it — one task wake-up and poll less a message; one that does not (an error, a full
-/// socket, a short count) does, and hands back what did not go ([`Ticket::poll_trouble`]).
+/// Queues `buf` to go out on `fd` with the rest of this turn's sends. `None` when this
+/// thread does not batch (see [`init`]) or `buf` is larger than [`MAX_SEND`]. The writer may
+/// go on without waiting for it (a request to a backend, whose writer waits for the answer
+/// next; an answer on a keep-alive connection, whose writer waits for the next request): a
+/// send that goes out whole does not wake it — one task wake-up and poll less a message; one
+/// that does not (an error, a full socket, a short count) does, and hands back what did not
+/// go ([`Ticket::poll_trouble`]). Or it waits for the flush ([`Ticket::done`]).
 pub fn send_quiet(fd: RawFd, buf: &[u8]) -> Option<Ticket> {
-    queue(fd, buf, true).map(|key| Ticket { key: Some(key) })
-}
-
-fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
     if buf.len() > MAX_SEND {
         return None;
     }
-    BATCH.with(|b| {
+    let key = BATCH.with(|b| {
         let mut b = b.borrow_mut();
         let batch = b.as_mut().filter(|b| !b.broken)?;
         let at = batch.bytes.len();
@@ -161,8 +148,7 @@ fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
             len: buf.len(),
             waker: Waker::noop().clone(),
             result: None,
-            quiet,
-            ticket: quiet,
+            quiet: true,
             rest: Vec::new(),
         });
         batch.queued.push(key);
@@ -170,7 +156,8 @@ fn queue(fd: RawFd, buf: &[u8], quiet: bool) -> Option<usize> {
             w.wake();
         }
         Some(key)
-    })
+    })?;
+    Some(Ticket { key: Some(key) })
 }
 
 /// A send queued by [`send_quiet`]. Dropped before the flush, it takes its send out of the
@@ -244,49 +231,6 @@ impl Ticket {
 }
 
 impl Drop for Ticket {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            withdraw(key);
-        }
-    }
-}
-
-/// A queued send's result, to await.
-pub struct Send {
-    key: Option<usize>,
-}
-
-impl Future for Send {
-    type Output = io::Result<usize>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let Some(key) = self.key else {
-            return Poll::Ready(Err(io::ErrorKind::Other.into()));
-        };
-        BATCH.with(|b| {
-            let mut b = b.borrow_mut();
-            let Some(batch) = b.as_mut() else {
-                return Poll::Ready(Err(io::ErrorKind::Other.into()));
-            };
-            let Some(entry) = batch.entries.get_mut(key) else {
-                return Poll::Ready(Err(io::ErrorKind::Other.into()));
-            };
-            match entry.result.take() {
-                Some(r) => {
-                    batch.entries.remove(key);
-                    self.key = None;
-                    Poll::Ready(r)
-                }
-                None => {
-                    entry.waker.clone_from(cx.waker());
-                    Poll::Pending
-                }
-            }
-        })
-    }
-}
-
-impl Drop for Send {
     fn drop(&mut self) {
         if let Some(key) = self.key {
             withdraw(key);
@@ -375,7 +319,7 @@ impl Batch {
                     let r = cqe.result();
                     if let Some(entry) = self.entries.get_mut(cqe.user_data() as usize) {
                         let whole = r >= 0 && r as usize == entry.len;
-                        if entry.ticket && !whole && (r >= 0 || r == -libc::EAGAIN) {
+                        if !whole && (r >= 0 || r == -libc::EAGAIN) {
                             let sent = r.max(0) as usize;
                             entry.rest = self.bytes[entry.at + sent..entry.at + entry.len].to_vec();
                         }
@@ -423,7 +367,7 @@ mod tests {
         } else {
             // The fallback: nothing is queued, writes go out one by one.
             let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-            assert!(send(w.as_raw_fd(), b"x").is_none());
+            assert!(send_quiet(w.as_raw_fd(), b"x").is_none());
             drop(r);
             false
         }
@@ -467,7 +411,7 @@ mod tests {
             return;
         }
         let (mut a, mut b) = pair().await;
-        let lost = send(a.as_raw_fd(), b"lost").unwrap();
+        let lost = send_quiet(a.as_raw_fd(), b"lost").unwrap();
         drop(lost);
         crate::http1::write_now(&mut a, b"kept").await.unwrap();
         drop(a);
@@ -574,7 +518,7 @@ mod tests {
             return;
         }
         let (a, _b) = pair().await;
-        assert!(send(a.as_raw_fd(), &vec![0u8; MAX_SEND + 1]).is_none());
-        assert!(send(a.as_raw_fd(), &vec![0u8; MAX_SEND]).is_some());
+        assert!(send_quiet(a.as_raw_fd(), &vec![0u8; MAX_SEND + 1]).is_none());
+        assert!(send_quiet(a.as_raw_fd(), &vec![0u8; MAX_SEND]).is_some());
     }
 }

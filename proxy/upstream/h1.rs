@@ -491,7 +491,7 @@ fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<(Response<()>, Framing, bool)>, Failure> {
-    let mut spans = crate::headers::Spans::new(0);
+    let mut spans = crate::headers::Spans::new();
     loop {
         // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
         let (line, n) = match crate::h1parse::response(buf, &mut spans) {
@@ -583,13 +583,7 @@ fn parse_any(
         Err(e) => return Err(Failure::Failed(format!("bad response head: {e}").into())),
     };
     // Where each header sits in the head, so the values can share its bytes.
-    let base = buf.as_ptr() as usize;
-    spans.clear();
-    for h in parsed.headers.iter() {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        spans.push((name, h.name.len(), value, h.value.len()));
-    }
+    crate::h1parse::spans_of(buf, parsed.headers, spans);
     let line = crate::h1parse::StatusLine {
         code: parsed.code.unwrap_or(0),
         version: parsed.version.unwrap_or(1),
