@@ -90,6 +90,33 @@ impl Body {
         }
     }
 
+    /// A backend's header lines kept as bytes (`rawfields`), if this answer's body carries
+    /// them (through the access log's wrapper).
+    pub fn raw(&self) -> Option<&crate::rawfields::RawFields> {
+        match self {
+            Body::Stream { inner, .. } => inner.raw(),
+            Body::Logged(inner, _) => inner.raw(),
+            _ => None,
+        }
+    }
+
+    pub fn raw_mut(&mut self) -> Option<&mut crate::rawfields::RawFields> {
+        match self {
+            Body::Stream { inner, .. } => inner.raw_mut(),
+            Body::Logged(inner, _) => inner.raw_mut(),
+            _ => None,
+        }
+    }
+
+    /// The kept header lines, taken out (to be written, or put into the map).
+    pub fn take_raw(&mut self) -> Option<crate::rawfields::RawFields> {
+        match self {
+            Body::Stream { inner, .. } => inner.take_raw(),
+            Body::Logged(inner, _) => inner.take_raw(),
+            _ => None,
+        }
+    }
+
     pub fn with_guard(inner: UpstreamBody, guard: InFlight) -> Body {
         Body::Stream {
             inner,

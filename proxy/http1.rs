@@ -629,6 +629,13 @@ async fn exchange(
     out.extend_from_slice(resp.status().canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let (mut has_connection, mut has_date) = (false, false);
+    // A backend's lines as they came (the hop-by-hop ones and its length already left
+    // out), then the map: fulcrum's own headers, or all of them when they were parsed.
+    // Taken out so their bytes (the backend connection's read buffer) go with the head.
+    if let Some(raw) = resp.body_mut().take_raw() {
+        raw.write_to(&mut out);
+        has_date = raw.has_date();
+    }
     for (name, value) in resp.headers() {
         if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
             continue;

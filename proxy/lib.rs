@@ -29,6 +29,7 @@ pub mod park;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod ratelimit;
+pub mod rawfields;
 pub mod reload;
 pub mod route;
 pub mod sendbatch;

@@ -328,14 +328,15 @@ pub(crate) async fn serve_hyper<I>(
         let both = both.clone();
         Box::pin(async move {
             let (shared, info) = &*both;
-            Ok::<_, Infallible>(
-                *service::handle(
-                    shared,
-                    info,
-                    Box::new(req.map(crate::body::RequestBody::Hyper)),
-                )
-                .await,
+            let mut resp = *service::handle(
+                shared,
+                info,
+                Box::new(req.map(crate::body::RequestBody::Hyper)),
             )
+            .await;
+            // hyper writes the map alone: a backend's kept lines go into it.
+            crate::upstream::materialise(&mut resp, crate::body::Body::take_raw);
+            Ok::<_, Infallible>(resp)
         })
     });
     let conn = builder

@@ -179,15 +179,14 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(hsts) = &conn.listener.hsts {
-        resp.headers_mut()
-            .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        set_header(&mut resp, &header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
     let status = resp.status().as_u16();
     if let Some(route) = &ctx.route {
         route.observe(status);
     }
     if let (true, Some(id)) = (conn.listener.request_id, &request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+        set_header(&mut resp, &X_REQUEST_ID, id.clone());
     }
     if let Some((log, started, method, path, version, user_agent, referer)) = log_fields {
         let entry = crate::accesslog::Entry {
@@ -228,6 +227,18 @@ pub async fn handle(
         }
     }
     resp
+}
+
+/// Sets `name` on an answer, over any the backend sent: its kept line cut (`rawfields`; or,
+/// when a head cannot lose more lines, its lines put into the map first, where `insert`
+/// replaces them). `Connection` needs none of this: a backend's never stays.
+fn set_header(resp: &mut Response<Body>, name: &http::HeaderName, value: HeaderValue) {
+    if let Some(raw) = resp.body_mut().raw_mut() {
+        if !raw.remove(name.as_str().as_bytes()) {
+            crate::upstream::materialise(resp, Body::take_raw);
+        }
+    }
+    resp.headers_mut().insert(name.clone(), value);
 }
 
 /// `308 Permanent Redirect` to the same URL over https.
@@ -548,6 +559,14 @@ async fn proxy(
         backend.state.latency_window.record_at(elapsed, done);
         match result {
             Ok(mut resp) => {
+                // gRPC retries read the answer's status header; compression its type and
+                // coding: as a map.
+                if grpc_retry || compression.is_some() {
+                    crate::upstream::materialise(
+                        &mut resp,
+                        crate::upstream::UpstreamBody::take_raw,
+                    );
+                }
                 let ok = !resp.status().is_server_error();
                 if let Some(m) = &backend.state.metrics {
                     m.observe(resp.status().as_u16(), elapsed);

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::Body;
+use crate::rawfields::RawFields;
 use fulcrum_config::UpstreamProtocol;
 
 const H2_STREAM_WINDOW: u32 = 1 << 20;
@@ -72,10 +73,44 @@ impl UpstreamClient {
     }
 }
 
-/// A backend's response body, from whichever client carried the request.
+/// A backend's response body, from whichever client carried the request. fulcrum's own
+/// client's answers carry their header lines here when it kept them as bytes
+/// (`rawfields`): a `Response`'s only other room for them, its extensions, allocates.
 pub enum UpstreamBody {
     Hyper(Incoming),
-    H1(h1::H1Body),
+    H1(h1::H1Body, Option<RawFields>),
+}
+
+impl UpstreamBody {
+    /// The answer's header lines kept as bytes, if they were (taken out).
+    pub fn take_raw(&mut self) -> Option<RawFields> {
+        match self {
+            UpstreamBody::H1(_, raw) => raw.take(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+
+    pub fn raw(&self) -> Option<&RawFields> {
+        match self {
+            UpstreamBody::H1(_, raw) => raw.as_ref(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+
+    pub fn raw_mut(&mut self) -> Option<&mut RawFields> {
+        match self {
+            UpstreamBody::H1(_, raw) => raw.as_mut(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+}
+
+/// Puts an answer's kept header lines (if any) into its map, for whatever reads headers
+/// as a map (compression, gRPC, hyper's server side).
+pub fn materialise<B>(resp: &mut Response<B>, take: impl FnOnce(&mut B) -> Option<RawFields>) {
+    if let Some(raw) = take(resp.body_mut()) {
+        raw.into_map(resp.headers_mut());
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,21 +127,21 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(Into::into))),
-            UpstreamBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpstreamBody::H1(b, _) => std::pin::Pin::new(b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Hyper(b) => b.is_end_stream(),
-            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H1(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             UpstreamBody::Hyper(b) => b.size_hint(),
-            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H1(b, _) => b.size_hint(),
         }
     }
 }
@@ -206,7 +241,7 @@ impl UpstreamClient {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         if let Some((h1, bytes)) = self.h1_for(&parts.headers, &body) {
             let sent = h1.send(parts, &backend.authority, bytes, timeout).await;
-            return sent.map(|r| r.map(UpstreamBody::H1));
+            return sent.map(|(r, raw)| r.map(|b| UpstreamBody::H1(b, raw)));
         }
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(backend.scheme.clone());
@@ -253,8 +288,13 @@ impl UpstreamClient {
             self.h1_for(req.headers(), req.body()),
         ) {
             let (parts, _) = req.into_parts();
+            // Health checks and gRPC probes read headers as a map.
             let sent = h1.send(&parts, &authority, bytes, timeout).await;
-            return sent.map(|r| r.map(UpstreamBody::H1));
+            return sent.map(|(r, raw)| {
+                let mut r = r.map(|b| UpstreamBody::H1(b, raw));
+                materialise(&mut r, UpstreamBody::take_raw);
+                r
+            });
         }
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::Timeout { backend, timeout }),

@@ -330,3 +330,121 @@ async fn keep_alive_connections_to_backends_are_reused() {
         "{conns} backend connections for 20 sequential requests"
     );
 }
+
+/// A backend that answers every request with the same hand-written head (mixed-case names,
+/// hop-by-hop headers, its own `Date` and `X-Request-Id`) and body; it records the
+/// `x-request-id` of each request it reads.
+async fn handwritten_backend(
+    head: &'static str,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ids = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let request = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let id = request
+                            .lines()
+                            .find_map(|l| l.strip_prefix("x-request-id: "))
+                            .unwrap_or("")
+                            .to_string();
+                        ids.lock().unwrap().push(id);
+                        buf.drain(..end + 4);
+                        if s.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A backend's head reaches the client as it came, less what is hop-by-hop: lines kept as
+/// bytes by fulcrum's HTTP/1.1 sides (names in their own case), or as a map by hyper's
+/// (HTTP/2 clients); either way one `Date` (the backend's), one `X-Request-Id` (fulcrum's,
+/// the one the backend was sent), one length.
+#[tokio::test]
+async fn a_backends_head_passes_less_its_hop_by_hop_headers_on_either_server_side() {
+    const HEAD: &str = "HTTP/1.1 200 OK\r\nServer: Origin/1.0\r\nKeep-Alive: timeout=5\r\nX-Request-Id: from-backend\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nProxy-Connection: keep-alive\r\nUpgrade: h2c\r\nContent-Length: 5\r\nConnection: keep-alive\r\nX-Mixed-Case:  Kept As Sent\r\nTrailer: x-sum\r\n\r\nhello";
+    let (addr, ids) = handwritten_backend(HEAD).await;
+    let p = proxy(&one_pool("round_robin", &[(addr, 1)], "")).await;
+    let proxy_addr: std::net::SocketAddr = p.url.trim_start_matches("http://").parse().unwrap();
+
+    // fulcrum's own HTTP/1.1 server side: the bytes on the wire.
+    let answer = raw_exchange(
+        proxy_addr,
+        &[b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"],
+    )
+    .await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("no head");
+    assert_eq!(body, "hello");
+    let lines: Vec<&str> = head.lines().collect();
+    assert_eq!(lines[0], "HTTP/1.1 200 OK");
+    assert!(lines.contains(&"Server: Origin/1.0"), "{head}");
+    assert!(lines.contains(&"X-Mixed-Case:  Kept As Sent"), "{head}");
+    assert!(
+        lines.contains(&"Date: Sun, 29 Nov 2026 10:00:00 GMT"),
+        "{head}"
+    );
+    let named = |name: &str| {
+        lines
+            .iter()
+            .filter(|l| {
+                l.split_once(':')
+                    .is_some_and(|(n, _)| n.eq_ignore_ascii_case(name))
+            })
+            .map(|l| l.split_once(':').map_or("", |(_, v)| v.trim()))
+            .collect::<Vec<_>>()
+    };
+    for hop in ["keep-alive", "proxy-connection", "upgrade", "trailer"] {
+        assert!(named(hop).is_empty(), "{hop} passed: {head}");
+    }
+    assert_eq!(named("connection"), ["close"], "{head}");
+    assert_eq!(named("date").len(), 1, "{head}");
+    assert_eq!(named("content-length"), ["5"], "{head}");
+    let sent_id = ids.lock().unwrap().last().cloned().unwrap();
+    assert!(!sent_id.is_empty());
+    assert_eq!(named("x-request-id"), [sent_id.as_str()], "{head}");
+
+    // hyper's server side (HTTP/2): the same headers, from a map.
+    let resp = h2c_client()
+        .request(Request::get(&p.url).body(full("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers().clone();
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "hello"
+    );
+    assert_eq!(h["server"], "Origin/1.0");
+    assert_eq!(h["x-mixed-case"], "Kept As Sent");
+    assert_eq!(h.get_all("date").iter().count(), 1);
+    assert_eq!(h["date"], "Sun, 29 Nov 2026 10:00:00 GMT");
+    let sent_id = ids.lock().unwrap().last().cloned().unwrap();
+    let echoed: Vec<_> = h.get_all("x-request-id").iter().collect();
+    assert_eq!(echoed, [sent_id.as_str()]);
+    for hop in [
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+        "connection",
+    ] {
+        assert!(h.get(hop).is_none(), "{hop} passed: {h:?}");
+    }
+}

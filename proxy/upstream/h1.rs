@@ -30,6 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
+use crate::rawfields::{self, Kind, RawFields};
 
 /// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -221,14 +222,15 @@ impl H1Pool {
     /// Sends one request (head in `parts`, whole body in `body`) and reads the response
     /// head, all within `timeout` of the attempt's start; the body follows as the returned
     /// response's body, with no deadline. `authority` is the `Host` sent when the request
-    /// has none.
+    /// has none. A plain head's header lines come as they arrived (`RawFields`, the map
+    /// empty); others in the response's map.
     pub async fn send(
         self: &Arc<Self>,
         parts: &Parts,
         authority: &http::uri::Authority,
         body: Option<Bytes>,
         timeout: Duration,
-    ) -> Result<Response<H1Body>, ProxyError> {
+    ) -> Result<(Response<H1Body>, Option<RawFields>), ProxyError> {
         // From the attempt's start, read a moment ago (`UpstreamClient`).
         let deadline = Deadline {
             at: crate::clock::last() + timeout,
@@ -248,8 +250,8 @@ impl H1Pool {
             };
             encode_head(&mut conn.wbuf, parts, authority, body_len);
             match exchange(&mut conn, body.as_ref(), head_request, deadline.at).await {
-                Ok((resp, framing, keep_alive)) => {
-                    return Ok(self.finish(conn, resp, framing, keep_alive));
+                Ok((resp, framing, keep_alive, raw)) => {
+                    return Ok((self.finish(conn, resp, framing, keep_alive), raw));
                 }
                 Err(Failure::Stale(e)) if reused => {
                     tracing::debug!(backend = %self.addr, error = %e, "idle connection was closed by the backend; reconnecting");
@@ -368,7 +370,7 @@ async fn exchange(
     body: Option<&Bytes>,
     head_request: bool,
     deadline: tokio::time::Instant,
-) -> Result<(Response<()>, Framing, bool), Failure> {
+) -> Result<Head, Failure> {
     let Conn {
         stream,
         rbuf,
@@ -397,7 +399,7 @@ async fn talk(
     wbuf: &mut Vec<u8>,
     body: Option<&Bytes>,
     head_request: bool,
-) -> Result<(Response<()>, Framing, bool), Failure> {
+) -> Result<Head, Failure> {
     crate::workers::gather().await;
     // The head (and a small body) goes out with the rest of the turn's sends, and this task
     // does not wait for it: the answer is what it waits for next, and a send that goes out
@@ -485,19 +487,21 @@ async fn talk(
     }
 }
 
+/// A response head: without its body yet, how the body is framed, whether the connection
+/// may carry another exchange, and the header lines when they were kept as bytes (the map
+/// is empty then).
+type Head = (Response<()>, Framing, bool, Option<RawFields>);
+
 /// Parses a complete head off the front of `buf`: `None` if more bytes are needed. Interim
 /// `1xx` answers are dropped (the loop reads on).
-fn parse_head(
-    buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<Option<(Response<()>, Framing, bool)>, Failure> {
+fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Failure> {
     let mut spans = crate::headers::Spans::new();
     loop {
         // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
-        let (line, n) = match crate::h1parse::response(buf, &mut spans) {
-            Some(parsed) => parsed,
+        let (line, n, fast) = match crate::h1parse::response(buf, &mut spans) {
+            Some((line, n)) => (line, n, true),
             None => match parse_any(buf, &mut spans)? {
-                Some(parsed) => parsed,
+                Some((line, n)) => (line, n, false),
                 None => return Ok(None),
             },
         };
@@ -520,6 +524,33 @@ fn parse_head(
         } else {
             Version::HTTP_11
         };
+        // Plain heads keep their header lines as they came (`rawfields`), the framing and
+        // connection facts gathered in the same pass; others (and a head that would need
+        // too many lines cut) build the map as before.
+        let body_less =
+            head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        if fast {
+            if let Some(cuts) = raw_cuts(buf, &spans, n, body_less) {
+                let (facts, cuts) = cuts;
+                let framing = framing(&facts, status, head_request)?;
+                let keep_alive = facts.connection.keep_alive(version);
+                let start = spans.as_slice().first().map_or(n - 2, |s| s.0);
+                let head = buf.split_to(n).freeze();
+                let Some(mut raw) = RawFields::new(head, start, n - 2) else {
+                    return Err(Failure::Failed("response head too large".into()));
+                };
+                for &(from, to) in &cuts.lines[..cuts.n] {
+                    raw.cut(from, to);
+                }
+                if cuts.has_date {
+                    raw.set_has_date();
+                }
+                let mut resp = Response::new(());
+                *resp.status_mut() = status;
+                *resp.version_mut() = version;
+                return Ok(Some((resp, framing, keep_alive, Some(raw))));
+            }
+        }
         let count = spans.len();
         let mut facts = HeadFacts::default();
         for span in spans.as_mut_slice() {
@@ -563,8 +594,81 @@ fn parse_head(
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
-        return Ok(Some((resp, framing, keep_alive)));
+        return Ok(Some((resp, framing, keep_alive, None)));
     }
+}
+
+/// The lines of a plain head's answer that are left out of what the client gets.
+struct Cuts {
+    lines: [(usize, usize); MAX_CUTS],
+    n: usize,
+    has_date: bool,
+}
+
+/// The most header lines a kept head leaves out (more take the map).
+const MAX_CUTS: usize = 6;
+
+/// One pass over a plain head's header lines: its framing and connection facts, and which
+/// lines the client does not get: the hop-by-hop ones (`TE: trailers` crosses), and a
+/// `Content-Length` the body's size carries (every answer with a body: the server side
+/// writes its own framing). `None` when the map must decide instead: a `Connection` header
+/// that names other headers (they go too, by `strip_hop_by_hop`), or too many lines cut.
+fn raw_cuts(
+    buf: &[u8],
+    spans: &crate::headers::Spans,
+    n: usize,
+    body_less: bool,
+) -> Option<(HeadFacts, Cuts)> {
+    let mut facts = HeadFacts::default();
+    let mut cuts = Cuts {
+        lines: [(0, 0); MAX_CUTS],
+        n: 0,
+        has_date: false,
+    };
+    let spans = spans.as_slice();
+    for (i, &(no, nl, vo, vl)) in spans.iter().enumerate() {
+        let kind = rawfields::kind(&buf[no..no + nl]);
+        if kind == Kind::Other {
+            continue;
+        }
+        let value = &buf[vo..vo + vl];
+        let left_out = match kind {
+            Kind::Date => {
+                cuts.has_date = true;
+                false
+            }
+            Kind::ContentLength => {
+                facts.add_kind(kind, value);
+                !body_less
+            }
+            Kind::Connection => {
+                if !facts.add_kind(kind, value) {
+                    return None;
+                }
+                true
+            }
+            Kind::TransferEncoding => {
+                facts.add_kind(kind, value);
+                true
+            }
+            Kind::Te => !value.eq_ignore_ascii_case(b"trailers"),
+            Kind::HopByHop => true,
+            Kind::Other => false,
+        };
+        if left_out {
+            // A line runs to the next one's name (the last, to the head's final CRLF).
+            let end = spans.get(i + 1).map_or(n - 2, |s| s.0);
+            if cuts.n > 0 && cuts.lines[cuts.n - 1].1 == no {
+                cuts.lines[cuts.n - 1].1 = end;
+            } else if cuts.n == MAX_CUTS {
+                return None;
+            } else {
+                cuts.lines[cuts.n] = (no, end);
+                cuts.n += 1;
+            }
+        }
+    }
+    Some((facts, cuts))
 }
 
 /// A head [`crate::h1parse`] left alone, by `httparse`: every form the RFCs allow; `None`
@@ -606,7 +710,12 @@ impl HeadFacts {
     /// Notes one header; true if it is a `Connection` header with nothing left to say (see
     /// [`crate::headers::ConnectionTokens::add`]).
     fn add(&mut self, name: &[u8], value: &[u8]) -> bool {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        self.add_kind(rawfields::kind(name), value)
+    }
+
+    /// [`HeadFacts::add`] for a name already classified.
+    fn add_kind(&mut self, kind: Kind, value: &[u8]) -> bool {
+        if kind == Kind::ContentLength {
             match crate::headers::content_length(value) {
                 None => self.bad_length = Some("bad content-length"),
                 Some(n) if self.length.is_some_and(|l| l != n) => {
@@ -614,10 +723,10 @@ impl HeadFacts {
                 }
                 Some(n) => self.length = Some(n),
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if kind == Kind::TransferEncoding {
             let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if kind == Kind::Connection {
             return self.connection.add(value);
         }
         false
@@ -890,9 +999,26 @@ mod tests {
             body: Option<Bytes>,
         ) -> Result<Response<H1Body>, ProxyError> {
             let timeout = Duration::from_secs(30);
-            self.send(parts, &"backend".parse().unwrap(), body, timeout)
-                .await
+            let (mut resp, raw) = self
+                .send(parts, &"backend".parse().unwrap(), body, timeout)
+                .await?;
+            if let Some(raw) = raw {
+                raw.into_map(resp.headers_mut());
+            }
+            Ok(resp)
         }
+    }
+
+    /// [`parse_head`], the kept lines (if any) put into the map; and whether they were kept.
+    fn head_of(buf: &mut BytesMut, head_request: bool) -> Option<(Response<()>, Framing, bool)> {
+        let Ok(Some((mut resp, framing, _, raw))) = parse_head(buf, head_request) else {
+            return None;
+        };
+        let kept = raw.is_some();
+        if let Some(raw) = raw {
+            raw.into_map(resp.headers_mut());
+        }
+        Some((resp, framing, kept))
     }
 
     /// The response-head deadline rides on the connection's one timer: a timer that came due
@@ -925,12 +1051,12 @@ mod tests {
             crate::clock::now(); // the attempt's start
             p.send(&req, &authority, None, Duration::from_millis(t))
         };
-        assert_eq!(text(send(300).await.unwrap()).await, "ok");
+        assert_eq!(text(send(300).await.unwrap().0).await, "ok");
         // The first deadline passes while the connection is idle in the pool.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(p.idle_count(), 1);
         // The backend takes one connection only: this answer proves it was reused.
-        assert_eq!(text(send(300).await.unwrap()).await, "ok");
+        assert_eq!(text(send(300).await.unwrap().0).await, "ok");
         // No third answer: a timeout, after the deadline and not long after it.
         let started = std::time::Instant::now();
         let err = send(200).await.err();
@@ -1176,7 +1302,7 @@ mod tests {
             }
             text.extend_from_slice(b"\r\n");
             let mut buf = BytesMut::from(&text[..]);
-            let Ok(Some((resp, _, _))) = parse_head(&mut buf, false) else {
+            let Some((resp, _, _)) = head_of(&mut buf, false) else {
                 panic!("{n} headers: not parsed")
             };
             // Every header but the length, which the body's size hint carries.
@@ -1192,13 +1318,14 @@ mod tests {
         }
     }
 
-    /// A length stays in the map only where no body carries it: answers to HEAD, 204, 304,
-    /// and a chunked answer's (the size hint is not exact there).
+    /// A length stays only where no body carries it: answers to HEAD, 204 and 304. A
+    /// chunked answer's goes too when its lines are kept (the server side frames it
+    /// itself); the map kept it (and the server side skipped it).
     #[test]
-    fn the_length_leaves_the_map_only_when_the_body_carries_it() {
+    fn the_length_leaves_the_head_only_when_the_body_carries_it() {
         let kept = |text: &[u8], head_request: bool| {
             let mut buf = BytesMut::from(text);
-            let Ok(Some((resp, framing, _))) = parse_head(&mut buf, head_request) else {
+            let Some((resp, framing, _)) = head_of(&mut buf, head_request) else {
                 panic!("not parsed: {}", String::from_utf8_lossy(text))
             };
             (resp.headers().get("content-length").cloned(), framing)
@@ -1217,10 +1344,69 @@ mod tests {
             (Some(HeaderValue::from_static("9")), Framing::Empty)
         );
         let chunked = b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n";
+        assert_eq!(kept(chunked, false), (None, Framing::Chunked));
+        // A head only httparse takes (a bare LF) builds the map, which keeps it.
+        let chunked_lf =
+            b"HTTP/1.1 200 OK\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n";
         assert_eq!(
-            kept(chunked, false),
+            kept(chunked_lf, false),
             (Some(HeaderValue::from_static("9")), Framing::Chunked)
         );
+    }
+
+    /// A plain head's lines are kept as they came, less the hop-by-hop ones; the framing and
+    /// connection facts come from the same pass. Heads that need the map still get it.
+    #[test]
+    fn plain_heads_keep_their_lines_less_the_hop_by_hop_ones() {
+        let text = b"HTTP/1.1 200 OK\r\nServer: origin\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nTE: trailers\r\nProxy-Connection: x\r\nUpgrade: h2c\r\nTrailer: x-sum\r\nTransfer-Encoding: chunked\r\nX-Case:  Kept As Is \r\n\r\n";
+        let mut buf = BytesMut::from(&text[..]);
+        let Ok(Some((resp, framing, keep_alive, Some(raw)))) = parse_head(&mut buf, false) else {
+            panic!("not kept as lines")
+        };
+        assert!(resp.headers().is_empty());
+        assert_eq!(framing, Framing::Chunked);
+        assert!(!keep_alive, "Connection: close was seen");
+        assert!(raw.has_date());
+        let mut out = Vec::new();
+        raw.write_to(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Server: origin\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nTE: trailers\r\nX-Case:  Kept As Is \r\n"
+        );
+        assert!(buf.is_empty());
+
+        // A Connection header naming another header: the map (and `strip_hop_by_hop`).
+        let named =
+            b"HTTP/1.1 200 OK\r\nConnection: x-hop\r\nX-Hop: 1\r\ncontent-length: 0\r\n\r\n";
+        let Some((resp, _, kept)) = head_of(&mut BytesMut::from(&named[..]), false) else {
+            panic!("not parsed")
+        };
+        assert!(!kept);
+        assert!(resp.headers().contains_key("x-hop"));
+        assert!(resp.headers().contains_key("connection"));
+
+        // More lines to leave out than a kept head may: the map.
+        let mut many = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+        for i in 0..MAX_CUTS + 1 {
+            many.extend_from_slice(format!("x-{i}: v\r\nkeep-alive: {i}\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        let Some((resp, _, kept)) = head_of(&mut BytesMut::from(&many[..]), false) else {
+            panic!("not parsed")
+        };
+        assert!(!kept);
+        assert_eq!(
+            resp.headers().get_all("keep-alive").iter().count(),
+            MAX_CUTS + 1
+        );
+        assert_eq!(resp.headers().len(), 2 * (MAX_CUTS + 1));
+
+        // Folded lines (obs-fold) are httparse's: the map.
+        let folded = b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\ncontent-length: 0\r\n\r\n";
+        let mut buf = BytesMut::from(&folded[..]);
+        if let Ok(Some((_, _, _, raw))) = parse_head(&mut buf, false) {
+            assert!(raw.is_none());
+        }
     }
 
     #[test]
