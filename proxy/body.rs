@@ -92,14 +92,6 @@ impl Body {
 
     /// A backend's header lines kept as bytes (`rawfields`), if this answer's body carries
     /// them (through the access log's wrapper).
-    pub fn raw(&self) -> Option<&crate::rawfields::RawFields> {
-        match self {
-            Body::Stream { inner, .. } => inner.raw(),
-            Body::Logged(inner, _) => inner.raw(),
-            _ => None,
-        }
-    }
-
     pub fn raw_mut(&mut self) -> Option<&mut crate::rawfields::RawFields> {
         match self {
             Body::Stream { inner, .. } => inner.raw_mut(),

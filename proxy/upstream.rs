@@ -90,13 +90,6 @@ impl UpstreamBody {
         }
     }
 
-    pub fn raw(&self) -> Option<&RawFields> {
-        match self {
-            UpstreamBody::H1(_, raw) => raw.as_ref(),
-            UpstreamBody::Hyper(_) => None,
-        }
-    }
-
     pub fn raw_mut(&mut self) -> Option<&mut RawFields> {
         match self {
             UpstreamBody::H1(_, raw) => raw.as_mut(),
