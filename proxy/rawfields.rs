@@ -171,10 +171,11 @@ impl RawFields {
             }
             let line_start = at;
             let rest = &head[at..];
-            let len = rest.windows(2).position(|w| w == b"\r\n")?;
+            // Every kept line ends in CRLF (the strict parser took no other line end).
+            let len = memchr::memchr(b'\n', rest)?.checked_sub(1)?;
             at += len + 2;
             let line = &rest[..len];
-            let colon = line.iter().position(|&b| b == b':')?;
+            let colon = memchr::memchr(b':', line)?;
             let value = &line[colon + 1..];
             let lead = value
                 .iter()
@@ -219,9 +220,7 @@ impl RawFields {
     /// Where the line starting at `at` ends, its CRLF included.
     fn line_end(&self, at: usize) -> usize {
         let rest = &self.head[at..self.end as usize];
-        rest.windows(2)
-            .position(|w| w == b"\r\n")
-            .map_or(self.end as usize, |p| at + p + 2)
+        memchr::memchr(b'\n', rest).map_or(self.end as usize, |p| at + p + 1)
     }
 
     /// The kept lines as map entries, before those already in `map` (fulcrum's own, such
