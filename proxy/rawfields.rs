@@ -15,8 +15,9 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 
-/// The most lines left out of one head; a head that needs more takes the map instead.
-const MAX_CUTS: usize = 6;
+/// The most runs of lines left out of one head; a head that needs more takes the map
+/// instead.
+pub const MAX_CUTS: usize = 6;
 
 /// What a header's name says to the framing and the hop rules (compared once, by length
 /// first: most names are none of these).

@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
-use crate::rawfields::{self, Kind, RawFields};
+use crate::rawfields::{self, Kind, RawFields, MAX_CUTS};
 
 /// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -540,6 +540,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Fa
                     return Err(Failure::Failed("response head too large".into()));
                 };
                 for &(from, to) in &cuts.lines[..cuts.n] {
+                    // Never refused: `raw_cuts` kept to the same bound, runs merged alike.
                     raw.cut(from, to);
                 }
                 if cuts.has_date {
@@ -604,9 +605,6 @@ struct Cuts {
     n: usize,
     has_date: bool,
 }
-
-/// The most header lines a kept head leaves out (more take the map).
-const MAX_CUTS: usize = 6;
 
 /// One pass over a plain head's header lines: its framing and connection facts, and which
 /// lines the client does not get: the hop-by-hop ones (`TE: trailers` crosses), and a
