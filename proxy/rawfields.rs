@@ -94,34 +94,47 @@ pub struct RawFields {
 }
 
 impl RawFields {
-    /// The lines `head[start..end]`, all kept for now. `None` if the head is too large to
-    /// index with 32 bits (never, under the client's head limit).
-    pub fn new(head: Bytes, start: usize, end: usize) -> Option<RawFields> {
+    /// The lines `head[start..end]`, all kept for now. The head back if those are not lines
+    /// of it or cannot be indexed with 32 bits (never, under the client's head limit).
+    pub fn new(head: Bytes, start: usize, end: usize) -> Result<RawFields, Bytes> {
+        let (Ok(start32), Ok(end32)) = (u32::try_from(start), u32::try_from(end)) else {
+            return Err(head);
+        };
         if start > end || end > head.len() {
-            return None;
+            return Err(head);
         }
-        Some(RawFields {
-            start: u32::try_from(start).ok()?,
-            end: u32::try_from(end).ok()?,
+        Ok(RawFields {
             head,
+            start: start32,
+            end: end32,
             cuts: [(0, 0); MAX_CUTS],
             n_cuts: 0,
             has_date: false,
         })
     }
 
+    /// The whole head the lines are part of.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The whole head, given back (for the map, when the lines cannot be kept).
+    pub fn into_head(self) -> Bytes {
+        self.head
+    }
+
     /// Leaves out the line `head[from..to]` (lines are cut in order by the parser, anywhere
     /// by [`RawFields::remove`]). False if no more lines can be left out.
     pub fn cut(&mut self, from: usize, to: usize) -> bool {
         let n = self.n_cuts as usize;
-        if n == MAX_CUTS {
-            return false;
-        }
         let (from, to) = (from as u32, to as u32);
         // Adjacent cuts merge, so a run of left-out lines costs one.
         if n > 0 && self.cuts[n - 1].1 == from {
             self.cuts[n - 1].1 = to;
             return true;
+        }
+        if n == MAX_CUTS {
+            return false;
         }
         let at = self.cuts[..n].partition_point(|c| c.0 < from);
         self.cuts.copy_within(at..n, at + 1);
@@ -154,8 +167,9 @@ impl RawFields {
         out.extend_from_slice(&self.head[at as usize..self.end as usize]);
     }
 
-    /// The kept lines as `(line start, name, value start, value end)`, the value trimmed.
-    fn lines(&self) -> impl Iterator<Item = (usize, &[u8], usize, usize)> + '_ {
+    /// The kept lines as `(line start, line end past its CRLF, name, value start, value
+    /// end)`, the value trimmed.
+    fn lines(&self) -> impl Iterator<Item = (usize, usize, &[u8], usize, usize)> + '_ {
         let head = &self.head[..self.end as usize];
         let mut at = self.start as usize;
         let mut cuts = self.cuts().iter().peekable();
@@ -190,6 +204,7 @@ impl RawFields {
             let v_start = line_start + colon + 1 + lead;
             return Some((
                 line_start,
+                at,
                 &line[..colon],
                 v_start,
                 line_start + len - trail,
@@ -203,12 +218,12 @@ impl RawFields {
         let free = MAX_CUTS - self.n_cuts as usize;
         let mut found = [(0usize, 0usize); MAX_CUTS];
         let mut n = 0;
-        for (start, line_name, _, _) in self.lines() {
+        for (start, end, line_name, _, _) in self.lines() {
             if line_name.eq_ignore_ascii_case(name) {
                 if n == free {
                     return false;
                 }
-                found[n] = (start, self.line_end(start));
+                found[n] = (start, end);
                 n += 1;
             }
         }
@@ -218,18 +233,12 @@ impl RawFields {
         true
     }
 
-    /// Where the line starting at `at` ends, its CRLF included.
-    fn line_end(&self, at: usize) -> usize {
-        let rest = &self.head[at..self.end as usize];
-        memchr::memchr(b'\n', rest).map_or(self.end as usize, |p| at + p + 1)
-    }
-
     /// The kept lines as map entries, before those already in `map` (fulcrum's own, such
     /// as a sticky cookie): the map an answer would have had from the start. The values
     /// share the head's bytes.
     pub fn into_map(self, map: &mut HeaderMap) {
         let added = std::mem::replace(map, crate::headers::map_with_capacity(8));
-        for (_, name, v_start, v_end) in self.lines() {
+        for (_, _, name, v_start, v_end) in self.lines() {
             let (Ok(name), Ok(value)) = (
                 crate::headers::name(name),
                 HeaderValue::from_maybe_shared(self.head.slice(v_start..v_end)),

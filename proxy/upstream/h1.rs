@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
-use crate::rawfields::{self, Kind, RawFields, MAX_CUTS};
+use crate::rawfields::{self, Kind, RawFields};
 
 /// A response head larger than this is refused (nginx's `proxy_buffer_size` is 4-8 KiB).
 const MAX_HEAD: usize = 64 * 1024;
@@ -526,37 +526,29 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Fa
         };
         // Plain heads keep their header lines as they came (`rawfields`), the framing and
         // connection facts gathered in the same pass; others (and a head that would need
-        // too many lines cut) build the map as before.
+        // too many lines cut) build the map as before. On any failure below the connection
+        // is dropped, so the head may leave the buffer first.
         let body_less =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let mut head = buf.split_to(n).freeze();
         if fast {
-            if let Some(cuts) = raw_cuts(buf, &spans, n, body_less) {
-                let (facts, cuts) = cuts;
-                let framing = framing(&facts, status, head_request)?;
-                let keep_alive = facts.connection.keep_alive(version);
-                let start = spans.as_slice().first().map_or(n - 2, |s| s.0);
-                let head = buf.split_to(n).freeze();
-                let Some(mut raw) = RawFields::new(head, start, n - 2) else {
-                    return Err(Failure::Failed("response head too large".into()));
-                };
-                for &(from, to) in &cuts.lines[..cuts.n] {
-                    // Never refused: `raw_cuts` kept to the same bound, runs merged alike.
-                    raw.cut(from, to);
+            match raw_fields(head, &spans, body_less) {
+                Ok((facts, raw)) => {
+                    let framing = framing(&facts, status, head_request)?;
+                    let keep_alive = facts.connection.keep_alive(version);
+                    let mut resp = Response::new(());
+                    *resp.status_mut() = status;
+                    *resp.version_mut() = version;
+                    return Ok(Some((resp, framing, keep_alive, Some(raw))));
                 }
-                if cuts.has_date {
-                    raw.set_has_date();
-                }
-                let mut resp = Response::new(());
-                *resp.status_mut() = status;
-                *resp.version_mut() = version;
-                return Ok(Some((resp, framing, keep_alive, Some(raw))));
+                Err(back) => head = back,
             }
         }
         let count = spans.len();
         let mut facts = HeadFacts::default();
         for span in spans.as_mut_slice() {
             let &mut (no, nl, vo, vl) = span;
-            if facts.add(&buf[no..no + nl], &buf[vo..vo + vl]) {
+            if facts.add(&head[no..no + nl], &head[vo..vo + vl]) {
                 // consumed here (keep-alive); left out of the map (an empty span)
                 *span = (0, 0, 0, 0);
             }
@@ -565,20 +557,15 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Fa
         // A body's length that its size hint carries exactly (every `Framing::Length`, and an
         // empty body by `Content-Length: 0`) stays out of the map: fulcrum's server side
         // writes it again from the body, as hyper's does. HEAD, 204 and 304 answers keep it.
-        let sized = !head_request
-            && status != StatusCode::NO_CONTENT
-            && status != StatusCode::NOT_MODIFIED
-            && facts.chunked.is_none()
-            && facts.length.is_some();
+        let sized = !body_less && facts.chunked.is_none() && facts.length.is_some();
         if sized {
             for span in spans.as_mut_slice() {
                 let &mut (no, nl, _, _) = span;
-                if buf[no..no + nl].eq_ignore_ascii_case(b"content-length") {
+                if head[no..no + nl].eq_ignore_ascii_case(b"content-length") {
                     *span = (0, 0, 0, 0);
                 }
             }
         }
-        let head = buf.split_to(n).freeze();
         let mut headers = crate::headers::map_with_capacity(count);
         for span @ &(n_at, n_len, v_at, v_len) in spans.as_slice() {
             if crate::headers::Spans::consumed(span) {
@@ -599,74 +586,57 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Fa
     }
 }
 
-/// The lines of a plain head's answer that are left out of what the client gets.
-struct Cuts {
-    lines: [(usize, usize); MAX_CUTS],
-    n: usize,
-    has_date: bool,
-}
-
-/// One pass over a plain head's header lines: its framing and connection facts, and which
-/// lines the client does not get: the hop-by-hop ones (`TE: trailers` crosses), and a
-/// `Content-Length` the body's size carries (every answer with a body: the server side
-/// writes its own framing). `None` when the map must decide instead: a `Connection` header
-/// that names other headers (they go too, by `strip_hop_by_hop`), or too many lines cut.
-fn raw_cuts(
-    buf: &[u8],
+/// A plain head's lines as the client gets them, with its framing and connection facts, in
+/// one pass over its spans: the hop-by-hop lines are cut (`TE: trailers` crosses), and a
+/// `Content-Length` wherever the answer has a body (the server side writes its own framing).
+/// The head back when the map must decide instead: a `Connection` header that names other
+/// headers (they go too, by `strip_hop_by_hop`), or more lines to cut than a head may lose.
+fn raw_fields(
+    head: Bytes,
     spans: &crate::headers::Spans,
-    n: usize,
     body_less: bool,
-) -> Option<(HeadFacts, Cuts)> {
-    let mut facts = HeadFacts::default();
-    let mut cuts = Cuts {
-        lines: [(0, 0); MAX_CUTS],
-        n: 0,
-        has_date: false,
-    };
+) -> Result<(HeadFacts, RawFields), Bytes> {
     let spans = spans.as_slice();
+    // The lines end where the empty line's CRLF starts.
+    let end = head.len() - 2;
+    let start = spans.first().map_or(end, |s| s.0);
+    let mut raw = RawFields::new(head, start, end)?;
+    let mut facts = HeadFacts::default();
     for (i, &(no, nl, vo, vl)) in spans.iter().enumerate() {
-        let kind = rawfields::kind(&buf[no..no + nl]);
-        if kind == Kind::Other {
-            continue;
-        }
-        let value = &buf[vo..vo + vl];
-        let left_out = match kind {
-            Kind::Date => {
-                cuts.has_date = true;
-                false
-            }
-            Kind::ContentLength => {
-                facts.add_kind(kind, value);
-                !body_less
-            }
-            Kind::Connection => {
-                if !facts.add_kind(kind, value) {
-                    return None;
+        let left_out = {
+            let bytes = raw.head();
+            let kind = rawfields::kind(&bytes[no..no + nl]);
+            let value = &bytes[vo..vo + vl];
+            match kind {
+                Kind::Other => false,
+                Kind::Date => {
+                    raw.set_has_date();
+                    false
                 }
-                true
+                Kind::ContentLength => {
+                    facts.add_kind(kind, value);
+                    !body_less
+                }
+                Kind::Connection => {
+                    if !facts.add_kind(kind, value) {
+                        return Err(raw.into_head());
+                    }
+                    true
+                }
+                Kind::TransferEncoding => {
+                    facts.add_kind(kind, value);
+                    true
+                }
+                Kind::Te => !value.eq_ignore_ascii_case(b"trailers"),
+                Kind::HopByHop => true,
             }
-            Kind::TransferEncoding => {
-                facts.add_kind(kind, value);
-                true
-            }
-            Kind::Te => !value.eq_ignore_ascii_case(b"trailers"),
-            Kind::HopByHop => true,
-            Kind::Other => false,
         };
-        if left_out {
-            // A line runs to the next one's name (the last, to the head's final CRLF).
-            let end = spans.get(i + 1).map_or(n - 2, |s| s.0);
-            if cuts.n > 0 && cuts.lines[cuts.n - 1].1 == no {
-                cuts.lines[cuts.n - 1].1 = end;
-            } else if cuts.n == MAX_CUTS {
-                return None;
-            } else {
-                cuts.lines[cuts.n] = (no, end);
-                cuts.n += 1;
-            }
+        // A line runs to the next one's name (the last, to the end of the lines).
+        if left_out && !raw.cut(no, spans.get(i + 1).map_or(end, |s| s.0)) {
+            return Err(raw.into_head());
         }
     }
-    Some((facts, cuts))
+    Ok((facts, raw))
 }
 
 /// A head [`crate::h1parse`] left alone, by `httparse`: every form the RFCs allow; `None`
@@ -1385,7 +1355,7 @@ mod tests {
 
         // More lines to leave out than a kept head may: the map.
         let mut many = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
-        for i in 0..MAX_CUTS + 1 {
+        for i in 0..rawfields::MAX_CUTS + 1 {
             many.extend_from_slice(format!("x-{i}: v\r\nkeep-alive: {i}\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
@@ -1395,9 +1365,9 @@ mod tests {
         assert!(!kept);
         assert_eq!(
             resp.headers().get_all("keep-alive").iter().count(),
-            MAX_CUTS + 1
+            rawfields::MAX_CUTS + 1
         );
-        assert_eq!(resp.headers().len(), 2 * (MAX_CUTS + 1));
+        assert_eq!(resp.headers().len(), 2 * (rawfields::MAX_CUTS + 1));
 
         // Folded lines (obs-fold) are httparse's: the map.
         let folded = b"HTTP/1.1 200 OK\r\nX-A: one\r\n two\r\ncontent-length: 0\r\n\r\n";
