@@ -312,10 +312,16 @@ async fn settle(stream: &mut TcpStream, ticket: &mut Option<crate::sendbatch::Ti
     let Some(mut t) = ticket.take() else {
         return true;
     };
-    match t.done().await {
-        Ok(rest) => rest.is_empty() || stream.write_all(&rest).await.is_ok(),
-        Err(_) => false,
+    finish(stream, &mut t).await.is_ok()
+}
+
+/// Waits for a ticket's flush and sends, the ordinary way, whatever of it did not go out.
+async fn finish(stream: &mut TcpStream, t: &mut crate::sendbatch::Ticket) -> io::Result<()> {
+    let rest = t.done().await?;
+    if !rest.is_empty() {
+        stream.write_all(&rest).await?;
     }
+    Ok(())
 }
 
 /// Reads one request's head (and small body) from `buf` and the socket, runs the exchange.
@@ -395,12 +401,7 @@ pub(crate) async fn write_now(stream: &mut TcpStream, buf: &[u8]) -> io::Result<
     if let Some(mut t) =
         crate::sendbatch::send_quiet(std::os::fd::AsRawFd::as_raw_fd(&*stream), buf)
     {
-        let rest = t.done().await?;
-        return if rest.is_empty() {
-            Ok(())
-        } else {
-            stream.write_all(&rest).await
-        };
+        return finish(stream, &mut t).await;
     }
     match stream.try_write(buf) {
         Ok(n) if n == buf.len() => Ok(()),
