@@ -276,6 +276,11 @@ impl ConnectionTokens {
     /// has to say here and, being hop-by-hop, need not enter the message's map at all (one
     /// that names other headers does, so that [`strip_hop_by_hop`] removes them too).
     pub fn add(&mut self, value: &[u8]) -> bool {
+        // The one token nearly every such header carries, without the split and trims.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+            return true;
+        }
         let mut only_these = true;
         for t in tokens(value) {
             if t.eq_ignore_ascii_case(b"close") {

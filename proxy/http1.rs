@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri, Version};
 use http_body::{Body as _, Frame};
 use hyper_util::server::graceful::Watcher;
@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::body::{Body, RequestBody};
 use crate::listener::Guards;
+use crate::rawfields::{Kind, RawFields};
 use crate::server::Shared;
 use crate::service::{self, ConnInfo};
 use crate::spares;
@@ -338,13 +339,16 @@ async fn request(
     // first request); the clock is read only if the head needs another read.
     let mut deadline = first;
     let first = first.is_some();
+    // The head's header lines, when they are kept as they came: here, where the layers
+    // below borrow them, rather than moved (96 bytes) into each layer's future.
+    let mut raw: Option<RawFields> = None;
     let head = loop {
         if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
             if buf.len() >= H2_PREFACE.len() {
                 return Next::Handover;
             }
         } else {
-            match parse(buf, limits.max_head) {
+            match parse(buf, limits.max_head, &mut raw) {
                 Parsed::Request(h) => break h,
                 Parsed::Partial if buf.len() >= limits.max_head => {
                     return refuse(stream, TOO_LARGE).await;
@@ -384,7 +388,7 @@ async fn request(
     };
     *req.body_mut() = RequestBody::Full(body);
     let _busy = crate::workers::Busy::start();
-    if exchange(stream, shared, info, req, keep_alive, ticket).await {
+    if exchange(stream, shared, info, req, &mut raw, keep_alive, ticket).await {
         Next::KeepAlive
     } else {
         Next::Close
@@ -467,13 +471,15 @@ async fn refuse(stream: &mut TcpStream, answer: &[u8]) -> Next {
 
 /// Parses the head at the start of `buf`. On success the head's bytes leave `buf` (the
 /// header values keep sharing them); otherwise `buf` is left as it was.
-fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
+/// A head whose header lines are kept as they came (`rawfields`) leaves them in `lines`; its
+/// map then holds only Host, Content-Type and Content-Length.
+fn parse(buf: &mut BytesMut, max_head: usize, lines: &mut Option<RawFields>) -> Parsed {
     let mut spans = crate::headers::Spans::new();
     // Plain heads (nearly all) by fulcrum's own parser; anything else by `httparse`.
-    let (line, len) = match crate::h1parse::request(buf, &mut spans) {
-        Some(parsed) => parsed,
+    let ((line, len), fast) = match crate::h1parse::request(buf, &mut spans) {
+        Some(parsed) => (parsed, true),
         None => match parse_any(buf, &mut spans) {
-            Ok(parsed) => parsed,
+            Ok(parsed) => (parsed, false),
             Err(other) => return other,
         },
     };
@@ -494,26 +500,45 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let path_range = line.target;
     let mut length: Option<u64> = None;
     let mut connection = crate::headers::ConnectionTokens::default();
-    let count = spans.len();
-    for span in spans.as_mut_slice() {
+    // One pass over the names: the framing, what hands the request to hyper, and where
+    // each line goes. A plain head (the strict parser's, at most 64 lines) keeps its lines
+    // as they came (`rawfields`) but for those marked: `to_map` (Host, Content-Type,
+    // Content-Length: read on every request's way) and `cut` (hop-by-hop). A `Connection`
+    // header that names other headers sends the whole head into the map instead, so that
+    // `strip_hop_by_hop` removes them.
+    let (mut to_map, mut cut, mut named) = (0u64, 0u64, false);
+    for (i, span) in spans.as_mut_slice().iter_mut().enumerate() {
         let &mut (no, nl, vo, vl) = span;
         let (name, value) = (&buf[no..no + nl], &buf[vo..vo + vl]);
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let Some(n) = crate::headers::content_length(value) else {
-                return Parsed::Refuse(BAD_REQUEST);
-            };
-            if length.is_some_and(|l| l != n) {
-                return Parsed::Refuse(BAD_REQUEST);
+        let bit = 1u64.checked_shl(i as u32).unwrap_or(0);
+        match crate::rawfields::kind(name) {
+            Kind::ContentLength => {
+                let Some(n) = crate::headers::content_length(value) else {
+                    return Parsed::Refuse(BAD_REQUEST);
+                };
+                if length.is_some_and(|l| l != n) {
+                    return Parsed::Refuse(BAD_REQUEST);
+                }
+                length = Some(n);
+                to_map |= bit;
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Parsed::Handover;
-        } else if name.eq_ignore_ascii_case(b"connection") && connection.add(value) {
-            // consumed here (keep-alive); left out of the map (an empty span)
-            *span = (0, 0, 0, 0);
+            Kind::TransferEncoding | Kind::Upgrade | Kind::Expect => return Parsed::Handover,
+            Kind::Connection => {
+                if connection.add(value) {
+                    // Consumed here (keep-alive, close): left out (past the 64th line, where
+                    // no bit marks it, by an empty span).
+                    cut |= bit;
+                    if bit == 0 {
+                        *span = (0, 0, 0, 0);
+                    }
+                } else {
+                    named = true;
+                }
+            }
+            Kind::Te if !value.eq_ignore_ascii_case(b"trailers") => cut |= bit,
+            Kind::HopByHop => cut |= bit,
+            Kind::Host | Kind::ContentType => to_map |= bit,
+            Kind::Te | Kind::Date | Kind::Other => {}
         }
     }
     let length = length.unwrap_or(0);
@@ -525,20 +550,54 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
         Ok(u) => u,
         Err(_) => return Parsed::Refuse(BAD_REQUEST),
     };
-    let mut map = crate::headers::map_with_capacity(count);
-    for span @ &(no, nl, vo, vl) in spans.as_slice() {
-        if crate::headers::Spans::consumed(span) {
-            continue;
+    // Kept lines need a run of left-out lines per gap between them, at most `MAX_CUTS`.
+    let out = to_map | cut;
+    let runs = (out & !(out << 1)).count_ones() as usize;
+    let keep_lines = fast && !named && runs <= crate::rawfields::MAX_CUTS;
+    let mut map = crate::headers::map_with_capacity(if keep_lines {
+        to_map.count_ones() as usize
+    } else {
+        spans.len()
+    });
+    let mut raw = None;
+    if keep_lines {
+        // The lines end where the empty line's CRLF starts.
+        let end = len - 2;
+        let start = spans.as_slice().first().map_or(end, |s| s.0);
+        match RawFields::new(head.clone(), start, end) {
+            Ok(mut fields) => {
+                let all = spans.as_slice();
+                for (i, &(no, nl, vo, vl)) in all.iter().enumerate() {
+                    let bit = 1u64 << i;
+                    if out & bit == 0 {
+                        continue;
+                    }
+                    // A line runs to the next one's start (the last, to the end of the lines).
+                    // Never refused: the runs were counted above.
+                    fields.cut(no, all.get(i + 1).map_or(end, |s| s.0));
+                    if to_map & bit != 0 {
+                        let Some(kv) = field(&head, no, nl, vo, vl) else {
+                            return Parsed::Refuse(BAD_REQUEST);
+                        };
+                        map.append(kv.0, kv.1);
+                    }
+                }
+                raw = Some(fields);
+            }
+            Err(_) => return Parsed::Refuse(TOO_LARGE),
         }
-        let Ok(name) = crate::headers::name(&head[no..no + nl]) else {
-            return Parsed::Refuse(BAD_REQUEST);
-        };
-        // The parser has checked the value's bytes (no control characters but tab).
-        let value = match HeaderValue::from_maybe_shared(head.slice(vo..vo + vl)) {
-            Ok(v) => v,
-            Err(_) => return Parsed::Refuse(BAD_REQUEST),
-        };
-        map.append(name, value);
+    } else {
+        for (i, span @ &(no, nl, vo, vl)) in spans.as_slice().iter().enumerate() {
+            // Hop-by-hop lines would go again at `strip_hop_by_hop`: left out now.
+            let bit = 1u64.checked_shl(i as u32).unwrap_or(0);
+            if cut & bit != 0 || crate::headers::Spans::consumed(span) {
+                continue;
+            }
+            let Some((name, value)) = field(&head, no, nl, vo, vl) else {
+                return Parsed::Refuse(BAD_REQUEST);
+            };
+            map.append(name, value);
+        }
     }
     let keep_alive = connection.keep_alive(version);
     let mut req = Box::new(Request::new(RequestBody::Full(None)));
@@ -546,11 +605,26 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parsed {
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = map;
+    *lines = raw;
     Parsed::Request(Head {
         req,
         length,
         keep_alive,
     })
+}
+
+/// A header line's name and value as map entries; the value shares the head's bytes (the
+/// parser has checked them: no control characters but tab).
+fn field(
+    head: &Bytes,
+    no: usize,
+    nl: usize,
+    vo: usize,
+    vl: usize,
+) -> Option<(HeaderName, HeaderValue)> {
+    let name = crate::headers::name(&head[no..no + nl]).ok()?;
+    let value = HeaderValue::from_maybe_shared(head.slice(vo..vo + vl)).ok()?;
+    Some((name, value))
 }
 
 /// A head [`crate::h1parse`] left alone, by `httparse`: every form the RFCs allow, or the
@@ -595,13 +669,14 @@ async fn exchange(
     shared: &Shared,
     info: &ConnInfo,
     req: Box<Request<RequestBody>>,
+    raw: &mut Option<RawFields>,
     keep_alive: bool,
     ticket: &mut Option<crate::sendbatch::Ticket>,
 ) -> bool {
     let head_only = req.method() == Method::HEAD;
     let version = req.version();
     // The answer stays in its box (head and body): read in place, not moved out.
-    let mut resp: Box<Response<Body>> = service::handle(shared, info, req).await;
+    let mut resp: Box<Response<Body>> = service::handle(shared, info, req, raw).await;
     let status = resp.status().as_u16();
     let no_body = head_only || status < 200 || status == 204 || status == 304;
     // Whether the connection stays open: as the request asked, unless the answer's framing
@@ -991,10 +1066,98 @@ mod tests {
         drained_reads_still_see_later_bytes().await;
     }
 
-    fn parsed(text: &[u8]) -> (Parsed, BytesMut) {
+    /// The parse, and the kept lines if the head's were kept.
+    fn parsed_lines(text: &[u8]) -> (Parsed, BytesMut, Option<RawFields>) {
         let mut buf = BytesMut::from(text);
-        let p = parse(&mut buf, 32 * 1024);
+        let mut lines = None;
+        let p = parse(&mut buf, 32 * 1024, &mut lines);
+        (p, buf, lines)
+    }
+
+    /// The parse with every header in the request's map (kept lines put there).
+    fn parsed(text: &[u8]) -> (Parsed, BytesMut) {
+        let (mut p, buf, mut lines) = parsed_lines(text);
+        if let Parsed::Request(h) = &mut p {
+            crate::service::materialise(h.req.headers_mut(), &mut lines);
+        }
         (p, buf)
+    }
+
+    fn written(lines: &RawFields) -> String {
+        let mut out = Vec::new();
+        lines.write_to(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn plain_request_heads_keep_their_lines_less_the_hop_by_hop_ones() {
+        let (p, _, lines) = parsed_lines(
+            b"GET / HTTP/1.1\r\nX-A:  1 \r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nHost: x\r\nTE: trailers\r\nProxy-Connection: a\r\nTE: gzip\r\nTrailer: t\r\nX-A: 2\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nDate: d\r\n\r\n",
+        );
+        let Parsed::Request(h) = p else {
+            panic!("not parsed")
+        };
+        let lines = lines.expect("lines kept");
+        // Everything but the hop-by-hop lines and the three the map holds, as sent.
+        assert_eq!(
+            written(&lines),
+            "X-A:  1 \r\nTE: trailers\r\nX-A: 2\r\nDate: d\r\n"
+        );
+        let map = h.req.headers();
+        assert_eq!(map.len(), 3, "{map:?}");
+        assert_eq!(map["host"], "x");
+        assert_eq!(map["content-type"], "text/plain");
+        assert_eq!(map["content-length"], "0");
+        assert!(h.keep_alive);
+
+        // No header lines: nothing kept, nothing in the map.
+        let (p, _, lines) = parsed_lines(b"GET / HTTP/1.0\r\n\r\n");
+        let Parsed::Request(h) = p else {
+            panic!("not parsed")
+        };
+        assert_eq!(written(&lines.expect("lines kept")), "");
+        assert!(h.req.headers().is_empty());
+    }
+
+    #[test]
+    fn heads_the_map_must_decide_keep_no_lines_and_lose_the_hop_by_hop_ones() {
+        // A `Connection` naming a header (`strip_hop_by_hop` removes it from the map later).
+        let (p, _, lines) = parsed_lines(
+            b"GET / HTTP/1.1\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\r\n",
+        );
+        let Parsed::Request(h) = p else {
+            panic!("not parsed")
+        };
+        assert!(lines.is_none());
+        assert_eq!(h.req.headers()["connection"], "x-secret");
+        assert_eq!(h.req.headers()["x-secret"], "1");
+        assert!(h.req.headers().get("keep-alive").is_none());
+
+        // Seven runs of lines to leave out, one more than a kept head may lose; six do.
+        for (runs, kept) in [(6, true), (7, false)] {
+            let mut text = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..runs {
+                text.extend_from_slice(format!("X-{i}: v\r\nKeep-Alive: {i}\r\n").as_bytes());
+            }
+            text.extend_from_slice(b"\r\n");
+            let (p, _, lines) = parsed_lines(&text);
+            let Parsed::Request(h) = p else {
+                panic!("not parsed")
+            };
+            assert_eq!(lines.is_some(), kept, "{runs} runs");
+            let mut all = h.req.headers().clone();
+            crate::service::materialise(&mut all, &mut lines.clone());
+            assert_eq!(all.len(), runs, "{runs} runs: {all:?}");
+            assert!(all.get("keep-alive").is_none());
+        }
+
+        // A head only `httparse` takes (a bare LF): the map.
+        let (p, _, lines) = parsed_lines(b"GET / HTTP/1.1\nHost: x\nX-A: 1\n\n");
+        let Parsed::Request(h) = p else {
+            panic!("not parsed")
+        };
+        assert!(lines.is_none());
+        assert_eq!(h.req.headers().len(), 2);
     }
 
     #[test]

@@ -332,6 +332,7 @@ pub(crate) async fn serve_hyper<I>(
                 shared,
                 info,
                 Box::new(req.map(crate::body::RequestBody::Hyper)),
+                &mut None,
             )
             .await;
             // hyper writes the map alone: a backend's kept lines go into it.

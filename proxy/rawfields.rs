@@ -1,16 +1,19 @@
-//! A backend's answer's header lines kept as the bytes they came in, for the answers that
-//! fulcrum's own HTTP/1.1 server side writes: copied onto the client's connection as they
-//! stand, minus the lines fulcrum leaves out (hop-by-hop ones, a length it writes itself),
-//! instead of parsed into a `HeaderMap` and written out again name by name. Nothing in the
-//! common path reads an answer's headers, and building, hashing, writing and recycling that
-//! map was about a tenth of the proxy's own instructions a request.
+//! Header lines kept as the bytes they came in, for the messages fulcrum's own HTTP/1.1
+//! code writes: a backend's answer copied onto the client's connection, a client's request
+//! onto the backend's, as they stand, minus the lines fulcrum leaves out (hop-by-hop ones, a
+//! length it writes itself), instead of parsed into a `HeaderMap` and written out again name
+//! by name. Building, hashing, writing and recycling those maps was about a fifth of the
+//! proxy's own instructions a request, for headers nothing in the common path reads.
 //!
 //! Only heads fulcrum's strict parser took (`h1parse`: token names, printable values, CRLF
 //! line ends, no folded lines) are kept this way, so every kept line is one a `HeaderMap`
-//! would have held as it is. Whatever needs the headers as a map (compression, gRPC
-//! retries, hyper's server side for HTTP/2 and TLS clients) turns them into one first
+//! would have held as it is. Whatever needs the headers as a map (compression, gRPC,
+//! header-based routing, balancing and limits, forwarding headers, request ids and the
+//! access log, hyper's side for HTTP/2 and TLS) turns them into one first
 //! ([`RawFields::into_map`]); a header fulcrum sets over the backend's (`X-Request-Id`,
-//! `Strict-Transport-Security`) cuts the backend's line ([`RawFields::remove`]).
+//! `Strict-Transport-Security`) cuts the backend's line ([`RawFields::remove`]). A request's
+//! `Host`, `Content-Type` and `Content-Length`, which every request's way reads, go into
+//! its map from the start.
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
@@ -30,8 +33,16 @@ pub enum Kind {
     Connection,
     /// `TE`: hop-by-hop, but `TE: trailers` crosses hops (gRPC).
     Te,
-    /// `Keep-Alive`, `Proxy-Connection`, `Trailer`, `Upgrade`.
+    /// `Keep-Alive`, `Proxy-Connection`, `Trailer`.
     HopByHop,
+    /// Hop-by-hop too; a request that asks for one is handed to hyper.
+    Upgrade,
+    /// A request's; handed to hyper (`100-continue`).
+    Expect,
+    /// The request's fields fulcrum reads on every request's way (routing, gRPC): they go
+    /// into its map, the other lines stay as they came.
+    Host,
+    ContentType,
 }
 
 /// Classifies a header name (any case).
@@ -41,9 +52,13 @@ pub fn kind(name: &[u8]) -> Kind {
     match name.len() {
         2 if is(b"te") => Kind::Te,
         4 if is(b"date") => Kind::Date,
-        7 if is(b"trailer") || is(b"upgrade") => Kind::HopByHop,
+        4 if is(b"host") => Kind::Host,
+        6 if is(b"expect") => Kind::Expect,
+        7 if is(b"trailer") => Kind::HopByHop,
+        7 if is(b"upgrade") => Kind::Upgrade,
         10 if is(b"connection") => Kind::Connection,
         10 if is(b"keep-alive") => Kind::HopByHop,
+        12 if is(b"content-type") => Kind::ContentType,
         14 if is(b"content-length") => Kind::ContentLength,
         16 if is(b"proxy-connection") => Kind::HopByHop,
         17 if is(b"transfer-encoding") => Kind::TransferEncoding,
@@ -304,13 +319,17 @@ mod tests {
             (&b"TE"[..], Kind::Te),
             (b"date", Kind::Date),
             (b"Trailer", Kind::HopByHop),
-            (b"UPGRADE", Kind::HopByHop),
+            (b"UPGRADE", Kind::Upgrade),
+            (b"Host", Kind::Host),
+            (b"hosts", Kind::Other),
+            (b"Expect", Kind::Expect),
             (b"Connection", Kind::Connection),
             (b"Keep-Alive", Kind::HopByHop),
             (b"content-length", Kind::ContentLength),
             (b"Proxy-Connection", Kind::HopByHop),
             (b"Transfer-Encoding", Kind::TransferEncoding),
-            (b"Content-Type", Kind::Other),
+            (b"Content-Type", Kind::ContentType),
+            (b"Content-Typo", Kind::Other),
             (b"dates", Kind::Other),
             (b"tf", Kind::Other),
             (b"", Kind::Other),
@@ -332,9 +351,12 @@ mod tests {
     fn the_word_compare_is_exact_for_token_names() {
         const TOKEN: &[u8] =
             b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-        let targets: [&[u8]; 9] = [
+        let targets: [&[u8]; 12] = [
             b"te",
             b"date",
+            b"host",
+            b"expect",
+            b"content-type",
             b"trailer",
             b"upgrade",
             b"connection",

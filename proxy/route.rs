@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fulcrum_config::{HostMatch, MatchHeader, RouteConfig, RouteTarget};
+use fulcrum_config::{HostMatch, MatchHeader, RateLimitKey, RouteConfig, RouteTarget};
 use http::HeaderMap;
 
 use crate::balance::smooth_sequence;
@@ -88,6 +88,19 @@ impl Route {
         })
     }
 
+    /// Whether this route reads request headers other than Host and Content-Type.
+    fn reads_headers(&self) -> bool {
+        let sticky = match &self.target {
+            Target::Pool(p) => p.config.sticky.is_some(),
+            Target::Split { pools, .. } => pools.iter().any(|p| p.config.sticky.is_some()),
+        };
+        let keyed = self
+            .limiter
+            .as_ref()
+            .is_some_and(|l| matches!(l.config.key, RateLimitKey::Header(_)));
+        sticky || keyed || self.match_header.is_some() || self.config.compression
+    }
+
     /// The pool this request goes to.
     pub fn pool(&self) -> &Arc<Pool> {
         match &self.target {
@@ -131,6 +144,9 @@ pub struct Router {
     suffix: Vec<(Box<str>, Vec<usize>)>,
     /// Routes without a host, longest prefix first.
     any: Vec<usize>,
+    /// Whether any route reads a request's headers beyond Host and Content-Type: a header
+    /// match, compression (`Accept-Encoding`), a limit keyed by a header, a sticky pool.
+    reads_headers: bool,
 }
 
 impl Router {
@@ -165,7 +181,13 @@ impl Router {
         r.suffix.iter_mut().for_each(|(_, v)| order(v));
         r.suffix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         order(&mut r.any);
+        r.reads_headers = r.routes.iter().any(Route::reads_headers);
         r
+    }
+
+    /// See [`Router::reads_headers`]: a request's kept lines must become its map first.
+    pub fn reads_request_headers(&self) -> bool {
+        self.reads_headers
     }
 
     pub fn routes(&self) -> &[Route] {

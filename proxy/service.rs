@@ -15,6 +15,7 @@ use crate::body::Body;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::pool::{BackendId, InFlight, Pool};
+use crate::rawfields::RawFields;
 use crate::server::Shared;
 use crate::sticky;
 use crate::websocket;
@@ -135,10 +136,14 @@ pub async fn handle(
     shared: &Shared,
     conn: &ConnInfo,
     mut req: Box<Request<RequestBody>>,
+    raw: &mut Option<RawFields>,
 ) -> Box<Response<Body>> {
     // Every request carries an id to the backend and back (generated when absent). With
     // ids off and no access log, nobody reads it: not even looked up.
     let wanted = conn.listener.request_id || shared.access_log.is_some();
+    if wanted {
+        materialise(req.headers_mut(), raw);
+    }
     let request_id = if !wanted {
         None
     } else if let Some(id) = req.headers().get(&X_REQUEST_ID) {
@@ -170,7 +175,7 @@ pub async fn handle(
     let mut ctx = RequestCtx::default();
     let mut resp = match conn.listener.redirect_https {
         Some(port) => Box::new(redirect_to_https(&req, port)),
-        None => respond(shared, conn, req, &mut ctx).await,
+        None => respond(shared, conn, req, raw, &mut ctx).await,
     };
     // Draining (shutdown or upgrade): every answer closes its connection, so keep-alive
     // clients leave cleanly instead of racing the close of an idle connection.
@@ -229,6 +234,14 @@ pub async fn handle(
     resp
 }
 
+/// A request's kept lines (`rawfields`) into its map, for what reads the map; they then go
+/// to the backend from there.
+pub(crate) fn materialise(headers: &mut http::HeaderMap, raw: &mut Option<RawFields>) {
+    if let Some(raw) = raw.take() {
+        raw.into_map(headers);
+    }
+}
+
 /// Sets `name` on an answer, over any the backend sent: its kept line cut (`rawfields`; or,
 /// when a head cannot lose more lines, its lines put into the map first, where `insert`
 /// replaces them). `Connection` needs none of this: a backend's never stays.
@@ -275,10 +288,11 @@ async fn respond(
     shared: &Shared,
     conn: &ConnInfo,
     req: Box<Request<RequestBody>>,
+    raw: &mut Option<RawFields>,
     ctx: &mut RequestCtx,
 ) -> Box<Response<Body>> {
     let grpc = crate::grpc::is_grpc(req.headers());
-    match proxy(shared, conn, req, grpc, ctx).await {
+    match proxy(shared, conn, req, raw, grpc, ctx).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.side() {
@@ -308,6 +322,7 @@ async fn proxy(
     shared: &Shared,
     conn: &ConnInfo,
     mut req: Box<Request<RequestBody>>,
+    raw: &mut Option<RawFields>,
     grpc: bool,
     ctx: &mut RequestCtx,
 ) -> Result<Box<Response<Body>>, ProxyError> {
@@ -315,6 +330,11 @@ async fn proxy(
     let upgrade = websocket::requested_upgrade(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut *req));
     let (mut parts, body) = (*req).into_parts();
+    // Kept lines stay lines only while nothing reads them: gRPC, forwarding headers and
+    // trusted proxies' `X-Forwarded-For` read the map (the routes' needs below).
+    if grpc || conn.listener.forwarded || !conn.listener.trusted.is_empty() {
+        materialise(&mut parts.headers, raw);
+    }
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
     let host_header = parts.headers.get(header::HOST);
     let host_in_headers = host_header.is_some();
@@ -336,6 +356,10 @@ async fn proxy(
         bool,
     ) = {
         let snap = shared.snapshot.load();
+        // Header matches, sticky sessions, header-keyed limits and compression.
+        if snap.router.reads_request_headers() {
+            materialise(&mut parts.headers, raw);
+        }
         let route = snap
             .router
             .find(
@@ -411,7 +435,9 @@ async fn proxy(
         }
     }
 
-    let named_removed = headers::strip_hop_by_hop(&mut parts.headers);
+    // Kept lines lost their hop-by-hop ones as they were parsed, and the map beside them
+    // holds none.
+    let named_removed = raw.is_none() && headers::strip_hop_by_hop(&mut parts.headers);
     if conn.listener.forwarded {
         headers::add_forwarded(
             &mut parts.headers,
@@ -520,6 +546,10 @@ async fn proxy(
             let current = shared.snapshot.load().pools.get(&*pool.name).cloned();
             if let Some(current) = current.filter(|c| !Arc::ptr_eq(c, &pool)) {
                 pool = current;
+                // A sticky pool now (the reload changed it): it reads the cookie.
+                if pool.config.sticky.is_some() {
+                    materialise(&mut parts.headers, raw);
+                }
                 picked = pool
                     .pick(client, &parts.headers, &tried[..attempt])
                     .map(|p| (p.backend, p.set_cookie));
@@ -549,7 +579,7 @@ async fn proxy(
         let result = backend
             .state
             .client_for_next()
-            .forward(backend, &mut parts, body, timeout, is_last)
+            .forward(backend, &mut parts, raw, body, timeout, is_last)
             .await;
         // One clock read stamps everything this attempt records.
         let done = crate::clock::now().into_std();

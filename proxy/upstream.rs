@@ -221,21 +221,28 @@ impl UpstreamClient {
     }
 
     /// Forwards a client's request to `backend`: `parts` is its rewritten head (the URI as
-    /// the client sent it), `body` this attempt's body. fulcrum's h1 client only borrows the
+    /// the client sent it) and `lines` its header lines kept as they came, if they were
+    /// (`rawfields`; fulcrum's h1 client writes them before the map's, hyper gets them in
+    /// the map), `body` this attempt's body. fulcrum's h1 client only borrows the
     /// head; hyper's needs its own, cloned unless `last` (no attempt after this one) lets it
     /// take the original.
     pub async fn forward(
         &self,
         backend: &crate::pool::Backend,
         parts: &mut http::request::Parts,
+        lines: &mut Option<RawFields>,
         body: Body,
         timeout: Duration,
         last: bool,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         if let Some((h1, bytes)) = self.h1_for(&parts.headers, &body) {
-            let sent = h1.send(parts, &backend.authority, bytes, timeout).await;
+            let sent = h1
+                .send(parts, lines.as_ref(), &backend.authority, bytes, timeout)
+                .await;
             return sent.map(|(r, raw)| r.map(|b| UpstreamBody::H1(b, raw)));
         }
+        // hyper sends the map alone.
+        crate::service::materialise(&mut parts.headers, lines);
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(backend.scheme.clone());
         uri.authority = Some(backend.authority.clone());
@@ -282,7 +289,7 @@ impl UpstreamClient {
         ) {
             let (parts, _) = req.into_parts();
             // Health checks and gRPC probes read headers as a map.
-            let sent = h1.send(&parts, &authority, bytes, timeout).await;
+            let sent = h1.send(&parts, None, &authority, bytes, timeout).await;
             return sent.map(|(r, raw)| {
                 let mut r = r.map(|b| UpstreamBody::H1(b, raw));
                 materialise(&mut r, UpstreamBody::take_raw);

@@ -354,13 +354,9 @@ async fn handwritten_backend(
                 while let Ok(n @ 1..) = s.read(&mut chunk).await {
                     buf.extend_from_slice(&chunk[..n]);
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let request = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                        let id = request
-                            .lines()
-                            .find_map(|l| l.strip_prefix("x-request-id: "))
-                            .unwrap_or("")
-                            .to_string();
-                        ids.lock().unwrap().push(id);
+                        ids.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&buf[..end]).into_owned());
                         buf.drain(..end + 4);
                         if s.write_all(head.as_bytes()).await.is_err() {
                             return;
@@ -371,6 +367,114 @@ async fn handwritten_backend(
         }
     });
     (addr, seen)
+}
+
+/// The `X-Request-Id` a request head carries (any case), or "".
+fn request_id_of(head: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
+        })
+        .map_or(String::new(), |(_, v)| v.trim().to_string())
+}
+
+/// The values of header `name` (any case) in a head's lines, trimmed, in order.
+fn values_of<'a>(lines: &[&'a str], name: &str) -> Vec<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+/// A client's head reaches the backend as it came, less what is hop-by-hop: kept as its
+/// lines (names in their own case, values untouched) on a listener where nothing reads
+/// them, as a map where something does (forwarding headers, the default); with more
+/// hop-by-hop lines between kept ones than a kept head may lose, or a `Connection` that
+/// names a header, through the map too. Either way the same headers, in the same order
+/// within a name, and the backend's answer whole.
+#[tokio::test]
+async fn a_clients_head_reaches_the_backend_less_its_hop_by_hop_headers() {
+    const ANSWER: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    const REQUEST: &str = "GET /p?q=1 HTTP/1.1\r\nX-Mixed-Case:  Kept As Sent\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nHost: example.test\r\nTE: trailers\r\nX-Dup: 1\r\nProxy-Connection: keep-alive\r\nTE: deflate\r\nX-Dup: 2\r\nTrailer: x-sum\r\nContent-Type: text/plain\r\nUser-Agent: test/1\r\n\r\n";
+    // Seven runs of hop-by-hop lines between kept ones: one more than a kept head may lose.
+    let mut many = String::from("GET /p?q=1 HTTP/1.1\r\nHost: example.test\r\n");
+    for i in 0..7 {
+        many.push_str(&format!("X-Dup: {i}\r\nKeep-Alive: timeout={i}\r\n"));
+    }
+    many.push_str("\r\n");
+    const NAMING: &str = "GET /p?q=1 HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nX-Dup: 1\r\n\r\n";
+
+    let (addr, heads) = handwritten_backend(ANSWER).await;
+    let plain = on_listener(
+        &one_pool("round_robin", &[(addr, 1)], ""),
+        "forwarded_headers = false\nrequest_id = false",
+    );
+    let default = one_pool("round_robin", &[(addr, 1)], "");
+    for (config, kept) in [(plain, true), (default, false)] {
+        let p = proxy(&config).await;
+        let proxy_addr: std::net::SocketAddr = p.url.trim_start_matches("http://").parse().unwrap();
+        let close = "GET /last HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n";
+        let answer = raw_exchange(
+            proxy_addr,
+            &[
+                REQUEST.as_bytes(),
+                many.as_bytes(),
+                NAMING.as_bytes(),
+                close.as_bytes(),
+            ],
+        )
+        .await;
+        assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 4, "{answer}");
+        let seen: Vec<String> = heads.lock().unwrap().drain(..).collect();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+
+        let first: Vec<&str> = seen[0].lines().collect();
+        assert_eq!(first[0], "GET /p?q=1 HTTP/1.1");
+        if kept {
+            assert!(first.contains(&"X-Mixed-Case:  Kept As Sent"), "{first:?}");
+            assert!(first.contains(&"User-Agent: test/1"), "{first:?}");
+        }
+        assert_eq!(
+            values_of(&first, "x-mixed-case"),
+            ["Kept As Sent"],
+            "{first:?}"
+        );
+        assert_eq!(values_of(&first, "x-dup"), ["1", "2"], "{first:?}");
+        assert_eq!(values_of(&first, "te"), ["trailers"], "{first:?}");
+        assert_eq!(values_of(&first, "host"), ["example.test"], "{first:?}");
+        assert_eq!(
+            values_of(&first, "content-type"),
+            ["text/plain"],
+            "{first:?}"
+        );
+        assert_eq!(values_of(&first, "user-agent"), ["test/1"], "{first:?}");
+        for hop in ["connection", "keep-alive", "proxy-connection", "trailer"] {
+            assert!(values_of(&first, hop).is_empty(), "{hop} passed: {first:?}");
+        }
+        assert_eq!(
+            values_of(&first, "x-forwarded-for"),
+            if kept { vec![] } else { vec!["127.0.0.1"] },
+            "{first:?}"
+        );
+
+        let second: Vec<&str> = seen[1].lines().collect();
+        assert_eq!(
+            values_of(&second, "x-dup"),
+            ["0", "1", "2", "3", "4", "5", "6"],
+            "{second:?}"
+        );
+        assert!(values_of(&second, "keep-alive").is_empty(), "{second:?}");
+        assert_eq!(values_of(&second, "host"), ["example.test"], "{second:?}");
+
+        let third: Vec<&str> = seen[2].lines().collect();
+        assert!(values_of(&third, "x-secret").is_empty(), "{third:?}");
+        assert!(values_of(&third, "connection").is_empty(), "{third:?}");
+        assert_eq!(values_of(&third, "x-dup"), ["1"], "{third:?}");
+        assert_eq!(seen[3].lines().next(), Some("GET /last HTTP/1.1"));
+    }
 }
 
 /// A backend's head reaches the client as it came, less what is hop-by-hop: lines kept as
@@ -416,7 +520,7 @@ async fn a_backends_head_passes_less_its_hop_by_hop_headers_on_either_server_sid
     assert_eq!(named("connection"), ["close"], "{head}");
     assert_eq!(named("date").len(), 1, "{head}");
     assert_eq!(named("content-length"), ["5"], "{head}");
-    let sent_id = ids.lock().unwrap().last().cloned().unwrap();
+    let sent_id = request_id_of(&ids.lock().unwrap().last().cloned().unwrap());
     assert!(!sent_id.is_empty());
     assert_eq!(named("x-request-id"), [sent_id.as_str()], "{head}");
 
@@ -435,7 +539,7 @@ async fn a_backends_head_passes_less_its_hop_by_hop_headers_on_either_server_sid
     assert_eq!(h["x-mixed-case"], "Kept As Sent");
     assert_eq!(h.get_all("date").iter().count(), 1);
     assert_eq!(h["date"], "Sun, 29 Nov 2026 10:00:00 GMT");
-    let sent_id = ids.lock().unwrap().last().cloned().unwrap();
+    let sent_id = request_id_of(&ids.lock().unwrap().last().cloned().unwrap());
     let echoed: Vec<_> = h.get_all("x-request-id").iter().collect();
     assert_eq!(echoed, [sent_id.as_str()]);
     for hop in [

@@ -227,6 +227,7 @@ impl H1Pool {
     pub async fn send(
         self: &Arc<Self>,
         parts: &Parts,
+        lines: Option<&RawFields>,
         authority: &http::uri::Authority,
         body: Option<Bytes>,
         timeout: Duration,
@@ -248,7 +249,7 @@ impl H1Pool {
                 Some(c) => (c, true),
                 None => (self.connect(deadline).await?, false),
             };
-            encode_head(&mut conn.wbuf, parts, authority, body_len);
+            encode_head(&mut conn.wbuf, parts, lines, authority, body_len);
             match exchange(&mut conn, body.as_ref(), head_request, deadline.at).await {
                 Ok((resp, framing, keep_alive, raw)) => {
                     return Ok((self.finish(conn, resp, framing, keep_alive), raw));
@@ -316,11 +317,13 @@ fn still_open(conn: &Conn) -> bool {
     matches!(conn.stream.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
-/// Writes the request head: request line, the headers as they are (hop-by-hop ones were
-/// removed by the caller), `Host` if missing, and the body's length.
+/// Writes the request head: request line, the client's kept lines as they came, the map's
+/// headers as they are (hop-by-hop ones were removed by the caller), `Host` if missing, and
+/// the body's length.
 fn encode_head(
     buf: &mut Vec<u8>,
     parts: &Parts,
+    lines: Option<&RawFields>,
     authority: &http::uri::Authority,
     body_len: usize,
 ) {
@@ -332,6 +335,9 @@ fn encode_head(
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(lines) = lines {
+        lines.write_to(buf);
+    }
     let mut has_host = false;
     let mut had_length = false;
     for (name, value) in &parts.headers {
@@ -608,7 +614,7 @@ fn raw_fields(
             let kind = rawfields::kind(&bytes[no..no + nl]);
             let value = &bytes[vo..vo + vl];
             match kind {
-                Kind::Other => false,
+                Kind::Other | Kind::Host | Kind::ContentType | Kind::Expect => false,
                 Kind::Date => {
                     raw.set_has_date();
                     false
@@ -628,7 +634,7 @@ fn raw_fields(
                     true
                 }
                 Kind::Te => !value.eq_ignore_ascii_case(b"trailers"),
-                Kind::HopByHop => true,
+                Kind::HopByHop | Kind::Upgrade => true,
             }
         };
         // A line runs to the next one's name (the last, to the end of the lines).
@@ -968,7 +974,7 @@ mod tests {
         ) -> Result<Response<H1Body>, ProxyError> {
             let timeout = Duration::from_secs(30);
             let (mut resp, raw) = self
-                .send(parts, &"backend".parse().unwrap(), body, timeout)
+                .send(parts, None, &"backend".parse().unwrap(), body, timeout)
                 .await?;
             if let Some(raw) = raw {
                 raw.into_map(resp.headers_mut());
@@ -1017,7 +1023,7 @@ mod tests {
         let (req, authority) = (get("/"), "b".parse().unwrap());
         let send = |t: u64| {
             crate::clock::now(); // the attempt's start
-            p.send(&req, &authority, None, Duration::from_millis(t))
+            p.send(&req, None, &authority, None, Duration::from_millis(t))
         };
         assert_eq!(text(send(300).await.unwrap().0).await, "ok");
         // The first deadline passes while the connection is idle in the pool.
