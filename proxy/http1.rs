@@ -1083,10 +1083,12 @@ mod tests {
         (p, buf)
     }
 
-    fn written(lines: &RawFields) -> String {
-        let mut out = Vec::new();
-        lines.write_to(&mut out);
-        String::from_utf8(out).unwrap()
+    /// The request a parse gave (a test's head is meant to be one).
+    fn request_of(p: Parsed) -> Head {
+        match p {
+            Parsed::Request(h) => h,
+            _ => panic!("not parsed"),
+        }
     }
 
     #[test]
@@ -1094,13 +1096,11 @@ mod tests {
         let (p, _, lines) = parsed_lines(
             b"GET / HTTP/1.1\r\nX-A:  1 \r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nHost: x\r\nTE: trailers\r\nProxy-Connection: a\r\nTE: gzip\r\nTrailer: t\r\nX-A: 2\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nDate: d\r\n\r\n",
         );
-        let Parsed::Request(h) = p else {
-            panic!("not parsed")
-        };
+        let h = request_of(p);
         let lines = lines.expect("lines kept");
         // Everything but the hop-by-hop lines and the three the map holds, as sent.
         assert_eq!(
-            written(&lines),
+            lines.written(),
             "X-A:  1 \r\nTE: trailers\r\nX-A: 2\r\nDate: d\r\n"
         );
         let map = h.req.headers();
@@ -1112,10 +1112,8 @@ mod tests {
 
         // No header lines: nothing kept, nothing in the map.
         let (p, _, lines) = parsed_lines(b"GET / HTTP/1.0\r\n\r\n");
-        let Parsed::Request(h) = p else {
-            panic!("not parsed")
-        };
-        assert_eq!(written(&lines.expect("lines kept")), "");
+        let h = request_of(p);
+        assert_eq!(lines.expect("lines kept").written(), "");
         assert!(h.req.headers().is_empty());
     }
 
@@ -1125,9 +1123,7 @@ mod tests {
         let (p, _, lines) = parsed_lines(
             b"GET / HTTP/1.1\r\nConnection: x-secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n\r\n",
         );
-        let Parsed::Request(h) = p else {
-            panic!("not parsed")
-        };
+        let h = request_of(p);
         assert!(lines.is_none());
         assert_eq!(h.req.headers()["connection"], "x-secret");
         assert_eq!(h.req.headers()["x-secret"], "1");
@@ -1141,9 +1137,7 @@ mod tests {
             }
             text.extend_from_slice(b"\r\n");
             let (p, _, lines) = parsed_lines(&text);
-            let Parsed::Request(h) = p else {
-                panic!("not parsed")
-            };
+            let h = request_of(p);
             assert_eq!(lines.is_some(), kept, "{runs} runs");
             let mut all = h.req.headers().clone();
             crate::service::materialise(&mut all, &mut lines.clone());
@@ -1153,9 +1147,7 @@ mod tests {
 
         // A head only `httparse` takes (a bare LF): the map.
         let (p, _, lines) = parsed_lines(b"GET / HTTP/1.1\nHost: x\nX-A: 1\n\n");
-        let Parsed::Request(h) = p else {
-            panic!("not parsed")
-        };
+        let h = request_of(p);
         assert!(lines.is_none());
         assert_eq!(h.req.headers().len(), 2);
     }

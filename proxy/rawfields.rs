@@ -182,6 +182,14 @@ impl RawFields {
         out.extend_from_slice(&self.head[at as usize..self.end as usize]);
     }
 
+    /// The kept lines as text (tests).
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> String {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
     /// The kept lines as `(line start, line end past its CRLF, name, value start, value
     /// end)`, the value trimmed.
     fn lines(&self) -> impl Iterator<Item = (usize, usize, &[u8], usize, usize)> + '_ {
@@ -307,12 +315,6 @@ mod tests {
         raw
     }
 
-    fn written(raw: &RawFields) -> String {
-        let mut out = Vec::new();
-        raw.write_to(&mut out);
-        String::from_utf8(out).unwrap()
-    }
-
     #[test]
     fn names_are_classified_in_any_case() {
         for (name, k) in [
@@ -401,21 +403,21 @@ mod tests {
     #[test]
     fn kept_lines_are_written_as_they_came_and_cut_lines_are_not() {
         assert_eq!(
-            written(&fields(&[])),
+            fields(&[]).written(),
             "Server: nginx\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nConnection: keep-alive\r\nX-Id:  a b \t\r\n"
         );
         // Adjacent cuts merge into one.
         let raw = fields(&[3, 4]);
         assert_eq!(raw.cuts().len(), 1);
         assert_eq!(
-            written(&raw),
+            raw.written(),
             "Server: nginx\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Type: text/plain\r\nX-Id:  a b \t\r\n"
         );
         assert_eq!(
-            written(&fields(&[0, 2, 5])),
+            fields(&[0, 2, 5]).written(),
             "Date: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Length: 5\r\nConnection: keep-alive\r\n"
         );
-        assert_eq!(written(&fields(&[0, 1, 2, 3, 4, 5])), "");
+        assert_eq!(fields(&[0, 1, 2, 3, 4, 5]).written(), "");
     }
 
     #[test]
@@ -425,7 +427,7 @@ mod tests {
         assert!(raw.remove(b"server"));
         assert!(raw.remove(b"absent"));
         assert_eq!(
-            written(&raw),
+            raw.written(),
             "Date: Sun, 29 Nov 2026 10:00:00 GMT\r\nContent-Length: 5\r\nX-Id:  a b \t\r\n"
         );
         // Cuts stay in order, so the map sees what was written.
@@ -444,9 +446,9 @@ mod tests {
         head.extend_from_slice(b"\r\n");
         let end = head.len() - 2;
         let mut raw = RawFields::new(Bytes::from(head), 17, end).unwrap();
-        let before = written(&raw);
+        let before = raw.written();
         assert!(!raw.remove(b"x-a"));
-        assert_eq!(written(&raw), before);
+        assert_eq!(raw.written(), before);
         let mut map = HeaderMap::new();
         raw.into_map(&mut map);
         assert_eq!(map.get_all("x-a").iter().count(), 8);
