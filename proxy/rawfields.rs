@@ -18,6 +18,8 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 
+use crate::headers::Span;
+
 /// The most runs of lines left out of one head; a head that needs more takes the map
 /// instead.
 pub const MAX_CUTS: usize = 6;
@@ -126,6 +128,24 @@ impl RawFields {
             n_cuts: 0,
             has_date: false,
         })
+    }
+
+    /// The header lines of a whole head (ending in its empty line) whose lines the parser
+    /// gave as `spans`, all kept for now: from the first name to the empty line's CRLF.
+    #[inline]
+    pub fn of_head(head: Bytes, spans: &[Span]) -> Result<RawFields, Bytes> {
+        let end = head.len().saturating_sub(2);
+        let start = spans.first().map_or(end, |s| s.0);
+        RawFields::new(head, start, end)
+    }
+
+    /// Leaves out the line of `spans[i]` (the spans [`RawFields::of_head`] was given): it
+    /// runs from its name to the next line's (the last, to the end of the lines). False, as
+    /// [`RawFields::cut`], if no more lines can be left out.
+    #[inline]
+    pub fn cut_line(&mut self, spans: &[Span], i: usize) -> bool {
+        let to = spans.get(i + 1).map_or(self.end as usize, |s| s.0);
+        self.cut(spans[i].0, to)
     }
 
     /// The whole head the lines are part of.

@@ -330,11 +330,6 @@ async fn proxy(
     let upgrade = websocket::requested_upgrade(req.headers());
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut *req));
     let (mut parts, body) = (*req).into_parts();
-    // Kept lines stay lines only while nothing reads them: gRPC, forwarding headers and
-    // trusted proxies' `X-Forwarded-For` read the map (the routes' needs below).
-    if grpc || conn.listener.forwarded || !conn.listener.trusted.is_empty() {
-        materialise(&mut parts.headers, raw);
-    }
     // The host the client asked for: Host for HTTP/1.1, :authority for HTTP/2.
     let host_header = parts.headers.get(header::HOST);
     let host_in_headers = host_header.is_some();
@@ -356,8 +351,14 @@ async fn proxy(
         bool,
     ) = {
         let snap = shared.snapshot.load();
-        // Header matches, sticky sessions, header-keyed limits and compression.
-        if snap.router.reads_request_headers() {
+        // Kept lines stay lines only while nothing reads them: gRPC, forwarding headers and
+        // trusted proxies' `X-Forwarded-For` read the map, and so do header matches, sticky
+        // sessions, header-keyed limits and compression (the routes', as of this snapshot).
+        if grpc
+            || conn.listener.forwarded
+            || !conn.listener.trusted.is_empty()
+            || snap.router.reads_request_headers()
+        {
             materialise(&mut parts.headers, raw);
         }
         let route = snap

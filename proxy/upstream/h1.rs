@@ -603,10 +603,7 @@ fn raw_fields(
     body_less: bool,
 ) -> Result<(HeadFacts, RawFields), Bytes> {
     let spans = spans.as_slice();
-    // The lines end where the empty line's CRLF starts.
-    let end = head.len() - 2;
-    let start = spans.first().map_or(end, |s| s.0);
-    let mut raw = RawFields::new(head, start, end)?;
+    let mut raw = RawFields::of_head(head, spans)?;
     let mut facts = HeadFacts::default();
     for (i, &(no, nl, vo, vl)) in spans.iter().enumerate() {
         let left_out = {
@@ -637,8 +634,7 @@ fn raw_fields(
                 Kind::HopByHop | Kind::Upgrade => true,
             }
         };
-        // A line runs to the next one's name (the last, to the end of the lines).
-        if left_out && !raw.cut(no, spans.get(i + 1).map_or(end, |s| s.0)) {
+        if left_out && !raw.cut_line(spans, i) {
             return Err(raw.into_head());
         }
     }
