@@ -81,9 +81,6 @@ idle_ticks() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
 # wake-ups that cross cores (rescheduling and function-call interrupts) and context switches
 ipis() { awk '$1 == "RES:" || $1 == "CAL:" {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i} END {print n}' /proc/interrupts; }
 switches() { awk '$1 == "ctxt" {print $2}' /proc/stat; }
-# TCP segments sent on the whole machine (loopback: every one is also received): the ideal is
-# 4 a request through a proxy (request and response on each side, acks riding on data)
-segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]/ {print $12}' /proc/net/snmp; }
 
 # The rounds run in a pipeline's subshell, which does not inherit the EXIT trap: it stops
 # what it started itself if it fails half-way.

@@ -188,6 +188,11 @@ cpu_ns() {
     echo $t
 }
 
+# segments: TCP segments sent on the whole machine (loopback: every one is also received);
+# the ideal is 4 a request through a proxy (request and response on each side, acks riding
+# on data), so requests are segments / 4
+segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]/ {print $12}' /proc/net/snmp; }
+
 # cpu_ticks PID: user+system clock ticks of PID and its children
 cpu_ticks() {
     local p v t=0

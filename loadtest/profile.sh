@@ -19,7 +19,6 @@ S=${S:-4}; F=${F:-999}; D=${D:-8}; TOP=${TOP:-25}
 command -v perf > /dev/null || { echo "needs perf (apt-get install linux-perf)" >&2; exit 2; }
 build
 start_backends
-segs_out() { awk '/^Tcp:/ {n++; if (n == 2) print $12}' /proc/net/snmp; }
 names=()
 for spec in $CASES; do
     start_case "$spec"
@@ -28,11 +27,11 @@ for spec in $CASES; do
     oha -z "${D}s" -c 64 --no-tui "$CASE_URL" > "$OUT/$CASE_NAME.oha" &
     load=$!
     sleep 2
-    s0=$(segs_out); c0=$(cpu_ns "$CASE_PID")
+    s0=$(segments); c0=$(cpu_ns "$CASE_PID")
     # every thread of the process and its children (an nginx master's workers)
     pids=$(proc_tree "$CASE_PID" | tr ' ' ',')
     perf record -q -F "$F" -o "$OUT/$CASE_NAME.data" -p "$pids" -- sleep "$S" > /dev/null 2>&1
-    s1=$(segs_out); c1=$(cpu_ns "$CASE_PID")
+    s1=$(segments); c1=$(cpu_ns "$CASE_PID")
     wait "$load"
     us=$(awk -v c=$((c1 - c0)) -v s=$((s1 - s0)) 'BEGIN {printf "%.3f", c / 1000 / (s / 4)}')
     log "$CASE_NAME: $(( (s1 - s0) / 4 / S )) req/s, $us µs a request while sampled"
