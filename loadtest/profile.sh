@@ -6,7 +6,8 @@
 # case's CPU a request in that window (the scheduler's clock, lib.sh's cpu_ns; requests are
 # the machine's TCP segments out / 4). Prints the top frames of the first case beside the
 # others' cost of the same frames, then each case's kernel / own code / libc / vDSO split.
-# The sampling costs the profiled process a few per cent; compare cases within one run.
+# The sampling adds to the profiled process's CPU (by how much is not measured here); compare
+# cases within one run.
 #   loadtest/profile.sh
 #   CASES="fulcrum=target/release/fulcrum floor-epoll-batch-t2=- nginx-w2=-" loadtest/profile.sh
 #   TOP=40 S=5 F=2999 D=9 loadtest/profile.sh
